@@ -118,6 +118,7 @@ def assign(
     warm_start=None,
     candidates: int = 8,
     threads: int | None = None,
+    dense_limit: int = 1 << 21,
 ) -> Assignment:
     """Solve the capacity-constrained assignment exactly.
 
@@ -130,6 +131,8 @@ def assign(
             similar problem, e.g. the previous round; only speeds things up, never changes the answer.
         candidates: candidate experts kept per client beyond its capacity (speed knob, >= 1).
         threads: worker threads for the dense scans (default: all cores).
+        dense_limit: problems with at most this many entries (N*E) keep every allowed pair as a candidate
+            and skip the price sampling (speed knob, >= 0; 0 forces the candidate/certificate path).
 
     Returns:
         :class:`Assignment` with the pairs, ``objective = sum S_ij`` over them (float64) and its
@@ -149,6 +152,8 @@ def assign(
     prices = _warm_prices(warm_start, e)
     if isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral) or candidates < 1:
         raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
+    if isinstance(dense_limit, bool) or not isinstance(dense_limit, numbers.Integral) or dense_limit < 0:
+        raise ValueError(f"dense_limit must be an integer >= 0, got {dense_limit!r}")
     if threads is None:
         threads = os.cpu_count() or 1
     elif isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
@@ -162,7 +167,7 @@ def assign(
     from fedmoe_kernels import _assign
 
     s = np.ascontiguousarray(s)
-    out = _assign.solve(s, c, u, prices, int(candidates), int(threads))
+    out = _assign.solve(s, c, u, prices, int(candidates), int(threads), int(dense_limit))
     cert = Certificate(
         client_dual=out["client_dual"],
         expert_price=out["expert_price"],
