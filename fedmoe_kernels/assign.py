@@ -76,10 +76,11 @@ class Assignment:
         return self.experts[lo:hi]
 
 
-def _capacity(value, length: int, name: str) -> np.ndarray:
-    """Validate a scalar-or-vector capacity and return it as int64 [length]."""
+def _capacity(value, length: int, limit: int, name: str) -> np.ndarray:
+    """Validate a scalar-or-vector capacity; return it as int64 [length], clipped to ``limit``."""
     arr = np.asarray(value)
-    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    numeric = np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    if arr.dtype == np.bool_ or not numeric:
         raise ValueError(f"{name} must be integer-valued numbers, got dtype {arr.dtype}")
     if arr.ndim == 0:
         arr = np.full(length, arr)
@@ -92,7 +93,7 @@ def _capacity(value, length: int, name: str) -> np.ndarray:
             raise ValueError(f"{name} must be whole numbers, got fractional values")
     if np.any(arr < 0):
         raise ValueError(f"{name} must be non-negative")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    return np.ascontiguousarray(np.minimum(arr, limit), dtype=np.int64)
 
 
 def _warm_prices(warm_start, num_experts: int) -> np.ndarray | None:
@@ -102,7 +103,10 @@ def _warm_prices(warm_start, num_experts: int) -> np.ndarray | None:
         warm_start = warm_start.certificate
     if isinstance(warm_start, Certificate):
         warm_start = warm_start.expert_price
-    prices = np.asarray(warm_start, dtype=np.float64)
+    try:
+        prices = np.asarray(warm_start, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"warm_start must be numeric expert prices: {exc}") from None
     if prices.shape != (num_experts,):
         raise ValueError(f"warm_start must give {num_experts} expert prices, got shape {prices.shape}")
     if not np.all(np.isfinite(prices)):
@@ -147,8 +151,8 @@ def assign(
     if s.ndim != 2:
         raise ValueError(f"scores must be 2-D [clients, experts], got {s.ndim}-D shape {s.shape}")
     n, e = s.shape
-    c = _capacity(client_capacity, n, "client_capacity")
-    u = _capacity(n if expert_capacity is None else expert_capacity, e, "expert_capacity")
+    c = _capacity(client_capacity, n, e, "client_capacity")
+    u = _capacity(n if expert_capacity is None else expert_capacity, e, n, "expert_capacity")
     prices = _warm_prices(warm_start, e)
     if isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral) or candidates < 1:
         raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
