@@ -1,0 +1,167 @@
+"""Triton kernels of the fused per-expert weighted aggregation (:mod:`fedmoe_kernels.aggregate`).
+
+Two launches per batch of rows:
+
+1. ``_row_stats_kernel``, grid ``(M, splits)``: for each row and span of columns, the number of values that
+   are not finite in the accumulation dtype and, when clipping, the partial ``sum((row - base[e])**2)``
+   (float64). A row's verdict and norm must be known before any of its columns is summed, so this pass
+   reads every row once on its own.
+2. ``_aggregate_kernel``, grid ``(column blocks, E)``: each program walks its expert's rows (CSR
+   ``offsets`` over a stable grouping ``perm``) in ascending row order, accumulates
+   ``c * (row - base)`` in registers (no atomics) and writes ``base + (lr / W) * acc`` where ``W`` (the
+   sum of the accepted weights) is positive, ``base`` elsewhere. The streaming form runs the same kernel:
+   ``add`` loads and stores the running sums instead of finishing, ``result`` finishes with no rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_P = 1024  # columns per program of the aggregation kernel
+STATS_BLOCK = 1024  # columns per step of the row-statistics kernel
+STATS_STEPS = 16  # steps per row-statistics program
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def _row_stats_kernel(
+    rows_ptr, stride_rm, stride_rp, experts_ptr, base_ptr, stride_be, stride_bp, bad_ptr, sq_ptr,
+    P, SPLIT, NSPLIT,
+    ACC: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    m = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    bad = tl.zeros([BLOCK], tl.int32)
+    sq = tl.zeros([BLOCK], tl.float64)
+    if CLIP:
+        e = tl.load(experts_ptr + m).to(tl.int64)
+    for start in range(0, SPLIT, BLOCK):
+        cols = part * SPLIT + start + tl.arange(0, BLOCK)
+        mask = cols < P
+        x = tl.load(rows_ptr + m * stride_rm + cols * stride_rp, mask=mask, other=0.0).to(ACC)
+        bad += (mask & ~(tl.abs(x) < float("inf"))).to(tl.int32)
+        if CLIP:
+            b = tl.load(base_ptr + e * stride_be + cols * stride_bp, mask=mask, other=0.0).to(ACC)
+            d = (x - b).to(tl.float64)
+            sq += d * d
+    tl.store(bad_ptr + m * NSPLIT + part, tl.sum(bad))
+    if CLIP:
+        tl.store(sq_ptr + m * NSPLIT + part, tl.sum(sq))
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` rounding to nearest-even also for bfloat16 (which the interpreter truncates)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _aggregate_kernel(
+    rows_ptr, stride_rm, stride_rp, perm_ptr, offsets_ptr, ok_ptr, wscaled_ptr, sq_ptr, NSPLIT,
+    base_ptr, stride_be, stride_bp, out_ptr, stride_oe, stride_op, sums_ptr, wsum_ptr, rescale_ptr,
+    params_ptr, P,
+    ACC: tl.constexpr, CLIP: tl.constexpr, LOAD: tl.constexpr, FINISH: tl.constexpr,
+    NSPLIT_P2: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pb = tl.program_id(0)
+    e = tl.program_id(1).to(tl.int64)
+    cols = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = cols < P
+    lo = tl.load(offsets_ptr + e)
+    hi = tl.load(offsets_ptr + e + 1)
+    if FINISH or hi > lo:
+        b = tl.load(base_ptr + e * stride_be + cols * stride_bp, mask=mask, other=0.0).to(ACC)
+        if LOAD:
+            r = tl.load(rescale_ptr + e)
+            acc = (tl.load(sums_ptr + e * P + cols, mask=mask, other=0.0).to(tl.float64) * r).to(ACC)
+            w_sum = tl.load(wsum_ptr + e) * r
+        else:
+            acc = tl.zeros([BLOCK_P], ACC)
+            w_sum = tl.zeros([], tl.float64)
+        if CLIP:
+            max_norm = tl.load(params_ptr + 1)
+            parts = tl.arange(0, NSPLIT_P2)
+        for i in range(lo, hi):
+            m = tl.load(perm_ptr + i)
+            ok = tl.load(ok_ptr + m) != 0
+            w = tl.load(wscaled_ptr + m)
+            c = w
+            if CLIP:
+                sq = tl.sum(tl.load(sq_ptr + m * NSPLIT + parts, mask=parts < NSPLIT, other=0.0))
+                c = w * (max_norm / tl.maximum(tl.sqrt(sq), max_norm))
+            x = tl.load(rows_ptr + m * stride_rm + cols * stride_rp, mask=mask, other=0.0).to(ACC)
+            acc += tl.where(ok, c, 0.0).to(ACC) * tl.where(ok, x - b, 0.0)
+            w_sum += tl.where(ok, w, 0.0)
+        if FINISH:
+            lr = tl.load(params_ptr)
+            f = (lr / tl.where(w_sum > 0, w_sum, 1.0)).to(ACC)
+            res = tl.where(w_sum > 0, b + f * acc, b)
+            res = _round_to(res, out_ptr.dtype.element_ty)
+            tl.store(out_ptr + e * stride_oe + cols * stride_op, res, mask=mask)
+        else:
+            tl.store(sums_ptr + e * P + cols, acc, mask=mask)
+        if pb == 0:
+            tl.store(wsum_ptr + e, w_sum)
+
+
+def row_stats(
+    rows: torch.Tensor, experts: torch.Tensor, base: torch.Tensor, acc_dtype: torch.dtype, clip: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row verdicts and squared delta norms of ``rows`` ([M, P], M >= 1) against ``base[experts]``.
+
+    Returns ``ok`` (int8 [M], 1 where every value is finite in ``acc_dtype``) and, when ``clip``, the
+    partial squared norms (float64 [M, splits]; summed in the aggregation kernel, so that a row's norm does
+    not depend on the other rows of its batch), else None.
+    """
+    m, p = rows.shape
+    block = min(STATS_BLOCK, triton.next_power_of_2(p))
+    split = block * min(STATS_STEPS, triton.cdiv(p, block))
+    nsplit = triton.cdiv(p, split)
+    bad = torch.empty((m, nsplit), dtype=torch.int32, device=rows.device)
+    sq = torch.empty((m, nsplit), dtype=torch.float64, device=rows.device) if clip else None
+    _row_stats_kernel[(m, nsplit)](
+        rows, rows.stride(0), rows.stride(1), experts, base, base.stride(0), base.stride(1), bad, sq,
+        p, split, nsplit, ACC=_TL_DTYPE[acc_dtype], CLIP=clip, BLOCK=block,
+    )
+    return (bad.sum(dim=1) == 0).to(torch.int8), sq
+
+
+def aggregate_rows(
+    rows: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, ok: torch.Tensor, wscaled: torch.Tensor,
+    sq: torch.Tensor | None, base: torch.Tensor, params: torch.Tensor, wsum: torch.Tensor, *,
+    acc_dtype: torch.dtype, out: torch.Tensor | None = None, sums: torch.Tensor | None = None,
+    rescale: torch.Tensor | None = None,
+) -> None:
+    """One launch of the aggregation kernel over (column block, expert).
+
+    ``rows`` [M, P]; ``perm`` (int64 [M]) groups the rows by expert stably, expert ``e`` owning
+    ``perm[offsets[e]:offsets[e+1]]``; ``ok`` (int8 [M]) marks the accepted rows; ``wscaled`` (float64
+    [M]) holds the weights scaled per expert; ``sq`` the partial squared norms from :func:`row_stats`
+    (None: no clipping); ``params`` (float64 [2]) is ``(lr, max_norm)``; ``wsum`` (float64 [E]) receives
+    the scaled weight sums. Modes:
+
+    - ``out`` given, ``sums`` None: batch; writes the aggregated bank into ``out`` (may be ``base``).
+    - ``sums`` given (contiguous [E, P] in ``acc_dtype``), ``rescale`` (float64 [E]) given: the running
+      sums and ``wsum`` are first multiplied by ``rescale``, then the rows added; with ``out`` the result
+      is written to ``out`` (streaming ``result``), without it the sums are stored back (streaming ``add``).
+    """
+    num_experts, p = base.shape
+    nsplit = 1 if sq is None else sq.shape[1]
+    load, finish = sums is not None, out is not None
+    block_p = min(BLOCK_P, triton.next_power_of_2(p))
+    grid = (triton.cdiv(p, block_p), num_experts)
+    _aggregate_kernel[grid](
+        rows, rows.stride(0), rows.stride(1), perm, offsets, ok, wscaled, sq, nsplit,
+        base, base.stride(0), base.stride(1),
+        out, 0 if out is None else out.stride(0), 0 if out is None else out.stride(1),
+        sums, wsum, rescale, params, p,
+        ACC=_TL_DTYPE[acc_dtype], CLIP=sq is not None, LOAD=load, FINISH=finish,
+        NSPLIT_P2=triton.next_power_of_2(nsplit), BLOCK_P=block_p,
+    )

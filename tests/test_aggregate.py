@@ -1,0 +1,420 @@
+"""fedmoe_kernels.aggregate and Accumulator against the loop reference, on the torch and Triton paths.
+
+Without a GPU the Triton kernels run under the interpreter (tests/conftest.py), which is slow: the Triton
+cases are a representative subset of the shapes the torch path is checked on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmoe_kernels import Accumulator, AggregateResult, aggregate
+from fedmoe_kernels._backend import interpreting
+from fedmoe_kernels.reference import aggregate_reference
+
+TRITON = pytest.param(
+    "triton",
+    marks=pytest.mark.skipif(
+        not (torch.cuda.is_available() or interpreting()), reason="needs CUDA or TRITON_INTERPRET=1"
+    ),
+)
+BACKENDS = ["torch", TRITON]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+HALF_MANTISSA = {torch.float16: 10, torch.bfloat16: 7}
+
+
+def make_case(m, p, e, *, dtype=torch.float32, base_dtype=torch.float32, seed=0, bad_rows=True):
+    """Rows near their expert's base (deltas of varied size), unsorted experts, weights in [0, 10)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(e, p, generator=g).to(base_dtype)
+    experts = torch.randint(0, e, (m,), generator=g)
+    scale = 0.02 + 0.2 * torch.rand(m, 1, generator=g)
+    rows = (base[experts].double() + scale * torch.randn(m, p, generator=g, dtype=torch.float64)).to(dtype)
+    weights = 10 * torch.rand(m, generator=g)
+    if bad_rows and m >= 5:
+        weights[1] = 0.0
+        rows[2, p // 2] = math.nan
+        rows[3, 0] = -math.inf
+        rows[4, p - 1] = math.inf
+    return rows.to(DEVICE), experts.to(DEVICE), weights.to(DEVICE), base.to(DEVICE)
+
+
+def check(res: AggregateResult, rows, experts, weights, base, **kwargs) -> None:
+    """Compare with the reference: exact counts, weight sums to 1e-12, the bank to its dtype's rounding."""
+    ref = aggregate_reference(rows.cpu(), experts.cpu(), weights.cpu(), base.shape[0], base.cpu(), **kwargs)
+    assert res.bank.dtype == base.dtype and res.bank.shape == base.shape
+    assert torch.equal(res.accepted.cpu(), ref.accepted)
+    assert torch.equal(res.rejected.cpu(), ref.rejected)
+    torch.testing.assert_close(res.weight_sum.cpu(), ref.weight_sum, rtol=1e-12, atol=0)
+    bank = res.bank.cpu().double()
+    if base.dtype in HALF_MANTISSA:  # rounded to nearest: within half an ulp, up to float32 sums' error
+        exponent = torch.frexp(ref.bank).exponent - 2 - HALF_MANTISSA[base.dtype]
+        half_ulp = torch.ldexp(torch.ones_like(ref.bank), exponent)
+        assert ((bank - ref.bank).abs() <= half_ulp + 1e-5 * ref.bank.abs() + 1e-12).all()
+    else:
+        tol = TOL[base.dtype]
+        torch.testing.assert_close(bank, ref.bank, rtol=tol, atol=tol)
+
+
+def clip_norm(p: int) -> float:
+    return 0.1 * math.sqrt(p)  # between the smallest and the largest delta norms of make_case
+
+
+# ---------------------------------------------------------------- against the reference
+
+
+@pytest.mark.parametrize("e", [1, 8, 256])
+@pytest.mark.parametrize("p", [1, 7, 1000, 4099])
+@pytest.mark.parametrize("m", [0, 1, 5, 300])
+def test_torch_matches_reference(m, p, e):
+    dtype = [torch.float32, torch.float16, torch.bfloat16][(m + p + e) % 3]
+    rows, experts, weights, base = make_case(m, p, e, dtype=dtype, seed=m + p + e)
+    for kw in ({}, dict(max_norm=clip_norm(p), lr=0.5)):
+        res = aggregate(rows, experts, weights, e, base, backend="torch", **kw)
+        check(res, rows, experts, weights, base, **kw)
+
+
+@pytest.mark.parametrize(
+    "m,p,e,dtype",
+    [
+        (0, 7, 8, torch.float32),
+        (1, 1, 1, torch.float16),
+        (5, 7, 8, torch.bfloat16),
+        (5, 4099, 8, torch.float32),
+        (40, 1000, 256, torch.float16),
+        (300, 7, 8, torch.float32),
+    ],
+)
+def test_triton_matches_reference(m, p, e, dtype):
+    rows, experts, weights, base = make_case(m, p, e, dtype=dtype, seed=m + p)
+    for kw in ({}, dict(max_norm=clip_norm(p), lr=1.5)):
+        res = aggregate(rows, experts, weights, e, base, backend="triton", **kw)
+        check(res, rows, experts, weights, base, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "dtype,base_dtype",
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.float64, torch.float64),
+        (torch.float64, torch.float32),
+    ],
+)
+def test_dtypes(backend, dtype, base_dtype):
+    rows, experts, weights, base = make_case(12, 33, 4, dtype=dtype, base_dtype=base_dtype, seed=3)
+    res = aggregate(rows, experts, weights, 4, base, backend=backend, max_norm=0.4)
+    check(res, rows, experts, weights, base, max_norm=0.4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(0, 30),
+    p=st.integers(1, 40),
+    e=st.integers(1, 6),
+    lr=st.sampled_from([1.0, 0.3, 2.0]),
+    max_norm=st.sampled_from([None, 0.05, 0.3]),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_torch_matches_reference_hypothesis(m, p, e, lr, max_norm, seed, dtype):
+    rows, experts, weights, base = make_case(m, p, e, dtype=dtype, seed=seed)
+    res = aggregate(rows, experts, weights, e, base, max_norm=max_norm, lr=lr, backend="torch")
+    check(res, rows, experts, weights, base, max_norm=max_norm, lr=lr)
+
+
+# ---------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rejected_rows_have_no_influence(backend):
+    rows, experts, weights, base = make_case(20, 50, 3, seed=5)
+    experts[2:5] = 1  # the three non-finite rows share expert 1
+    rows[[0, 7, 9], 3] = torch.tensor([math.nan, math.inf, 1e39], dtype=torch.float64).float()
+    experts[[0, 7, 9]] = 2  # expert 2 has only rejected rows besides its finite ones
+    res = aggregate(rows, experts, weights, 3, base, backend=backend)
+    bad = ~torch.isfinite(rows).all(dim=1)
+    clean = aggregate(rows[~bad], experts[~bad], weights[~bad], 3, base, backend=backend)
+    assert torch.equal(res.bank, clean.bank)
+    assert torch.equal(res.accepted, clean.accepted)
+    assert torch.equal(res.rejected, torch.bincount(experts[bad], minlength=3))
+    assert torch.isfinite(res.bank).all()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's cast
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_row_beyond_float32_is_rejected(backend):
+    base = torch.zeros(2, 3, device=DEVICE)
+    rows = torch.tensor([[1.0, 2.0, 3.0], [1e300, 0.0, 0.0], [3.0, 2.0, 1.0]], dtype=torch.float64)
+    rows = rows.to(DEVICE)
+    experts = torch.tensor([0, 0, 1], device=DEVICE)
+    res = aggregate(rows, experts, torch.ones(3, device=DEVICE), 2, base, backend=backend)
+    assert res.rejected.tolist() == [1, 0] and res.accepted.tolist() == [1, 1]
+    assert torch.equal(res.bank, rows[[0, 2]].float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,value", [(torch.float16, 60000.0), (torch.float32, 2e38)])
+def test_huge_finite_rows_are_accepted(backend, dtype, value):
+    """Rows whose values are finite but whose sum overflows their dtype are accepted."""
+    base = torch.zeros(2, 64, device=DEVICE)
+    rows = torch.full((2, 64), value, dtype=dtype, device=DEVICE)
+    rows[1, 1] = math.nan
+    experts = torch.tensor([0, 1], device=DEVICE)
+    res = aggregate(rows, experts, torch.ones(2, device=DEVICE), 2, base, backend=backend)
+    assert res.accepted.tolist() == [1, 0] and res.rejected.tolist() == [0, 1]
+    assert torch.equal(res.bank[0], rows[0].float()) and torch.equal(res.bank[1], base[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_weights_keep_base(backend):
+    rows, experts, weights, base = make_case(9, 20, 4, seed=1, bad_rows=False)
+    experts[:] = torch.tensor([0, 0, 0, 1, 1, 3, 3, 3, 3])
+    weights[:3] = 0.0  # expert 0: rows, but zero weight; expert 2: no rows
+    res = aggregate(rows, experts, weights, 4, base, backend=backend)
+    assert torch.equal(res.bank[[0, 2]], base[[0, 2]])
+    assert res.accepted.tolist() == [3, 2, 0, 4] and res.weight_sum[0] == 0
+    assert not torch.equal(res.bank[[1, 3]], base[[1, 3]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shift", [-120, 90])
+def test_weight_scale_is_exact(backend, shift):
+    """Weights times a power of two give the same bits (float32 weights up to 1e38: no overflow)."""
+    rows, experts, weights, base = make_case(30, 17, 3, seed=2)
+    weights = weights.double()
+    res = aggregate(rows, experts, weights, 3, base, backend=backend, max_norm=0.3)
+    scaled = aggregate(rows, experts, weights * 2.0**shift, 3, base, backend=backend, max_norm=0.3)
+    assert torch.equal(scaled.bank, res.bank)
+    assert torch.equal(scaled.weight_sum, res.weight_sum * 2.0**shift)
+    huge = weights.float() * 3e37  # sums overflow float32
+    check(aggregate(rows, experts, huge, 3, base, backend=backend), rows, experts, huge, base)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_and_tiny_weights_mixed(backend):
+    rows, experts, _, base = make_case(6, 9, 2, seed=4, bad_rows=False)
+    experts[:] = torch.tensor([0, 0, 0, 1, 1, 1])
+    weights = torch.tensor([1e300, 1.0, 3e299, 1e-300, 5e-310, 2e-300], dtype=torch.float64, device=DEVICE)
+    res = aggregate(rows, experts, weights, 2, base, backend=backend)
+    check(res, rows, experts, weights, base)
+    assert torch.isfinite(res.weight_sum).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_weights(backend):
+    rows, experts, _, base = make_case(15, 10, 3, seed=6)
+    counts = torch.randint(0, 500, (15,), device=DEVICE)
+    res = aggregate(rows, experts, counts, 3, base, backend=backend)
+    assert torch.equal(res.bank, aggregate(rows, experts, counts.double(), 3, base, backend=backend).bank)
+    check(res, rows, experts, counts, base)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stable_grouping_gives_same_bits(backend):
+    """Sorting the rows by expert (stably) keeps each expert's row order, hence the bits; a shuffle only
+    changes the summation order."""
+    rows, experts, weights, base = make_case(40, 30, 5, seed=7)
+    res = aggregate(rows, experts, weights, 5, base, backend=backend, max_norm=0.5)
+    order = torch.sort(experts, stable=True).indices
+    grouped = aggregate(rows[order], experts[order], weights[order], 5, base, backend=backend, max_norm=0.5)
+    assert torch.equal(grouped.bank, res.bank)
+    shuffle = torch.randperm(40, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    shuffled = aggregate(
+        rows[shuffle], experts[shuffle], weights[shuffle], 5, base, backend=backend, max_norm=0.5
+    )
+    torch.testing.assert_close(shuffled.bank, res.bank, rtol=1e-6, atol=1e-6)
+    assert torch.equal(shuffled.accepted, res.accepted)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_rows(backend):
+    rows, experts, weights, base = make_case(8, 12, 3, seed=8)
+    wide = torch.zeros(12, 8, device=DEVICE)
+    wide.copy_(rows.T)
+    strided = wide.T  # [8, 12] with strides (1, 8)
+    res = aggregate(strided, experts, weights, 3, base, backend=backend, max_norm=0.3)
+    dense = aggregate(rows, experts, weights, 3, base, backend=backend, max_norm=0.3)
+    assert torch.equal(res.bank, dense.bank)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipping_bounds_the_step(backend):
+    rows, experts, weights, base = make_case(6, 50, 6, seed=9, bad_rows=False)
+    experts[:] = torch.arange(6)  # one row per expert: the step is the clipped delta times lr
+    for lr in (1.0, 0.25):
+        res = aggregate(rows, experts, weights, 6, base, backend=backend, max_norm=0.2, lr=lr)
+        steps = torch.linalg.vector_norm((res.bank - base).double(), dim=1)
+        assert (steps <= lr * 0.2 * (1 + 1e-6)).all()
+        assert (steps >= lr * 0.2 * (1 - 1e-5)).all()  # every delta of make_case is longer than 0.2
+    unclipped = aggregate(rows, experts, weights, 6, base, backend=backend)
+    loose = aggregate(rows, experts, weights, 6, base, backend=backend, max_norm=1e30)
+    assert torch.equal(loose.bank, unclipped.bank)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_server_step(backend):
+    rows, experts, weights, base = make_case(25, 16, 4, seed=10)
+    assert torch.equal(aggregate(rows, experts, weights, 4, base, lr=0.0, backend=backend).bank, base)
+    full = aggregate(rows, experts, weights, 4, base, backend=backend).bank
+    half = aggregate(rows, experts, weights, 4, base, lr=0.5, backend=backend).bank
+    torch.testing.assert_close(half, (base + full) / 2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_keeps_base(backend):
+    _, _, _, base = make_case(0, 5, 3)
+    rows = torch.empty(0, 5, device=DEVICE)
+    ids = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    res = aggregate(rows, ids, torch.empty(0, device=DEVICE), 3, base, backend=backend)
+    assert torch.equal(res.bank, base) and res.bank.data_ptr() != base.data_ptr()
+    assert res.accepted.tolist() == [0, 0, 0] and res.rejected.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_on_the_bank(backend):
+    """``out=base`` updates the flat bank where it lies; parameters viewing it see the new values."""
+    rows, experts, weights, base = make_case(10, 24, 3, seed=11)
+    expected = aggregate(rows, experts, weights, 3, base, backend=backend, max_norm=0.4)
+    bank = base.clone()
+    params = [bank[e].view(4, 6) for e in range(3)]  # e.g. an expert's weight matrix
+    pointer = bank.data_ptr()
+    res = aggregate(rows, experts, weights, 3, bank, backend=backend, max_norm=0.4, out=bank)
+    assert res.bank is bank and bank.data_ptr() == pointer
+    assert torch.equal(bank, expected.bank)
+    assert all(torch.equal(params[e], expected.bank[e].view(4, 6)) for e in range(3))
+    other = torch.empty_like(base)
+    res = aggregate(rows, experts, weights, 3, base, backend=backend, max_norm=0.4, out=other)
+    assert res.bank is other and torch.equal(other, expected.bank)
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def split_points(m: int, pieces: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randint(0, m + 1, (pieces - 1,), generator=g).tolist())
+    return [0, *cuts, m]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_norm", [None, 0.3])
+def test_streaming_equals_batch_bitwise(backend, max_norm):
+    """Rows added in order, in pieces, give the batch bits; growing weights force rescaled sums."""
+    m, p, e = 60, 37, 5
+    rows, experts, weights, base = make_case(m, p, e, seed=12)
+    weights = weights * torch.logspace(-30, 30, m, dtype=torch.float64, device=DEVICE)
+    batch = aggregate(rows, experts, weights, e, base, max_norm=max_norm, lr=0.7, backend=backend)
+    acc = Accumulator(base, max_norm=max_norm, backend=backend)
+    cuts = split_points(m, 6, seed=1)
+    for lo, hi in itertools.pairwise(cuts):
+        acc.add(rows[lo:hi], experts[lo:hi], weights[lo:hi])
+    res = acc.result(lr=0.7)
+    assert torch.equal(res.bank, batch.bank)
+    assert torch.equal(res.accepted, batch.accepted) and torch.equal(res.rejected, batch.rejected)
+    assert torch.equal(res.weight_sum, batch.weight_sum)
+    assert torch.equal(acc.result(lr=0.7).bank, res.bank)  # result leaves the accumulator unchanged
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streaming_any_order_and_in_place(backend):
+    m, p, e = 30, 20, 4
+    rows, experts, weights, base = make_case(m, p, e, seed=13)
+    batch = aggregate(rows, experts, weights, e, base, max_norm=0.3, backend=backend)
+    bank = base.clone()
+    acc = Accumulator(bank, max_norm=0.3, backend=backend)
+    order = torch.randperm(m, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    for piece in order.split(7):
+        acc.add(rows[piece], experts[piece], weights[piece])
+    res = acc.result(out=bank)
+    assert res.bank is bank
+    torch.testing.assert_close(bank, batch.bank, rtol=1e-6, atol=1e-6)
+    assert torch.equal(res.accepted, batch.accepted) and torch.equal(res.rejected, batch.rejected)
+
+
+def test_streaming_memory_does_not_grow():
+    rows, experts, weights, base = make_case(50, 10, 3, seed=14)
+    acc = Accumulator(base)
+    held = sum(t.numel() * t.element_size() for t in vars(acc).values() if isinstance(t, torch.Tensor))
+    for _ in range(20):
+        acc.add(rows, experts, weights)
+    after = sum(t.numel() * t.element_size() for t in vars(acc).values() if isinstance(t, torch.Tensor))
+    assert after == held
+    assert acc.result().accepted.sum() == 20 * 47
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _call(**change):
+    rows, experts, weights, base = make_case(6, 4, 3, seed=0, bad_rows=False)
+    args = dict(rows=rows, experts=experts, weights=weights, num_experts=3, base=base)
+    args.update(change)
+    kw = {k: args.pop(k) for k in ("max_norm", "lr", "out", "backend") if k in args}
+    return aggregate(args["rows"], args["experts"], args["weights"], args["num_experts"], args["base"], **kw)
+
+
+@pytest.mark.parametrize(
+    "change,error,name",
+    [
+        (dict(weights=torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0, 1.0])), ValueError, "weights"),
+        (dict(weights=torch.tensor([1.0, math.nan, 1.0, 1.0, 1.0, 1.0])), ValueError, "weights"),
+        (dict(weights=torch.tensor([1.0, math.inf, 1.0, 1.0, 1.0, 1.0])), ValueError, "weights"),
+        (dict(weights=torch.ones(6, dtype=torch.bool)), TypeError, "weights"),
+        (dict(weights=torch.ones(5)), ValueError, "weights"),
+        (dict(experts=torch.tensor([0, 1, 2, 3, 0, 0])), ValueError, "experts"),
+        (dict(experts=torch.tensor([0, -1, 2, 0, 0, 0])), ValueError, "experts"),
+        (dict(experts=torch.zeros(6)), TypeError, "experts"),
+        (dict(experts=torch.zeros(6, 1, dtype=torch.int64)), ValueError, "experts"),
+        (dict(rows=torch.ones(6, 5)), ValueError, "rows"),
+        (dict(rows=torch.ones(6, 4, dtype=torch.int32)), TypeError, "rows"),
+        (dict(rows=[[0.0] * 4] * 6), TypeError, "rows"),
+        (dict(base=torch.ones(3, 4, dtype=torch.int64)), TypeError, "base"),
+        (dict(base=torch.ones(12)), ValueError, "base"),
+        (dict(num_experts=4), ValueError, "num_experts"),
+        (dict(num_experts=3.0), TypeError, "num_experts"),
+        (dict(max_norm=0.0), ValueError, "max_norm"),
+        (dict(max_norm=math.inf), ValueError, "max_norm"),
+        (dict(lr=math.nan), ValueError, "lr"),
+        (dict(lr="1"), TypeError, "lr"),
+        (dict(out=torch.empty(3, 4, dtype=torch.float64)), ValueError, "out"),
+        (dict(out=torch.empty(4, 4)), ValueError, "out"),
+        (dict(backend="cuda"), ValueError, "backend"),
+    ],
+)
+def test_validation(change, error, name):
+    with pytest.raises(error, match=name):
+        _call(**change)
+
+
+def test_out_must_not_partly_overlap():
+    storage = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="out"):
+        _call(base=storage[:3], out=storage[1:])
+    rows = torch.zeros(6, 4)
+    with pytest.raises(ValueError, match="out"):
+        _call(rows=rows, out=rows[:3])
+
+
+def test_accumulator_validation():
+    _, _, _, base = make_case(0, 4, 3)
+    with pytest.raises(ValueError, match="max_norm"):
+        Accumulator(base, max_norm=-1.0)
+    acc = Accumulator(base)
+    with pytest.raises(ValueError, match="rows"):
+        acc.add(torch.ones(2, 5), torch.zeros(2, dtype=torch.int64), torch.ones(2))
+    with pytest.raises(ValueError, match="experts"):
+        acc.add(torch.ones(2, 4), torch.tensor([0, 3]), torch.ones(2))
+    with pytest.raises(ValueError, match="lr"):
+        acc.result(lr=math.inf)
+    assert torch.equal(acc.result().bank, base)  # failed adds left nothing behind
