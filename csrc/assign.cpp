@@ -3,12 +3,15 @@
 // max-weight maximum b-matching: choose pairs (i, j) with at most c_i per client, u_j per expert, no pair
 // where S_ij = -inf; first as many pairs as possible, then the largest total score.
 //
-// 1. Prices. Expert prices p (duals of the expert capacities) come from the caller (warm start) or from
-//    solving a row sample of the problem with proportionally scaled expert capacities (recursively).
+// 1. Prices. Expert prices p (duals of the expert capacities) come from the caller (warm start, e.g. the
+//    previous round), or a cold start tries zero prices and, if contention makes that slow, takes prices
+//    from solving a row sample with proportionally scaled expert capacities (recursively).
 // 2. Candidates. Per client the best c_i + extra experts by reduced score S_ij - p_j (one pass over S,
-//    which also rejects NaN/+inf). Small problems keep every allowed pair.
-// 3. Sparse solve (flow.hpp). Max flow by Dinic, then min cost at that flow value by cost scaling on
-//    integer-scaled scores. Node prices give LP duals (a_i, p_j, lambda).
+//    which also rejects NaN/+inf), refined by a forward auction (auction.hpp) that moves the prices close to
+//    equilibrium. Small problems keep every allowed pair and start cold.
+// 3. Exact solve on the candidate graph (ssp.hpp): successive shortest paths from the auction's holdings,
+//    with a costly "short" arc per client so that the most pairs come first and then the best score.
+//    Node potentials give the LP duals (a_i, p_j, lambda).
 // 4. Certificate on the full matrix. A reduced-cost scan finds pairs with S_ij > a_i + p_j + lambda that
 //    are not chosen (they would improve the score), and a residual search from clients left short finds
 //    augmenting paths through non-candidate pairs (they would add a pair). Both join the candidate graph,
@@ -27,7 +30,7 @@
 
 #include "auction.hpp"
 #include "candidates.hpp"
-#include "flow.hpp"
+#include "ssp.hpp"
 
 namespace py = pybind11;
 
@@ -37,15 +40,13 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 // Row sample fraction (1 / kSampleStride) for estimating prices of a large cold problem.
 constexpr int64_t kSampleStride = 8;
-// Integer resolution of a score range: costs are round(score * K), K = 2^kScoreBits / range.
-constexpr int kScoreBits = 28;
 
 struct Solution {
   std::vector<int64_t> off;      // per row, CSR into `expert`
   std::vector<int32_t> expert;   // chosen experts, ascending within a row
   std::vector<double> a, p;      // duals: client (rows), expert
   double lambda = 0.0;
-  double resolution = 0.0;       // score resolution of the integer costs (certificate tolerance)
+  double tolerance = 0.0;        // rounding allowance of the duals (certificate tolerance)
   int64_t pairs = 0;
   double objective = 0.0, dual_objective = 0.0;
   bool certified = false;
@@ -53,108 +54,54 @@ struct Solution {
   int64_t pairs_added = 0;
 };
 
-// Solve the candidate graph exactly (max flow, then min cost at that value). Prices warm-start the
-// cost scaling; `prefer` (previous solution, may be empty) seeds the initial flow.
+// The b-matching problem of the candidate lists C of P.
 template <typename T>
-Solution solve_candidates(const SubProblem<T>& P, const Candidates& C, const std::vector<double>& price,
-                          const Solution& prefer) {
-  const int64_t R = static_cast<int64_t>(P.rows.size()), E = P.E;
-  const int s = 0, t = static_cast<int>(R + E + 1);
-  const auto client = [](int64_t r) { return static_cast<int32_t>(1 + r); };
-  const auto expert = [R](int64_t j) { return static_cast<int32_t>(1 + R + j); };
-  const int n = static_cast<int>(R + E + 2);
-
-  double lo = kInf, hi = -kInf;
+BMatching make_matching(const SubProblem<T>& P, const Candidates& C, const std::vector<double>& price) {
+  const int64_t R = static_cast<int64_t>(P.rows.size());
+  std::vector<double> score(C.expert.size());
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t k = C.off[r]; k < C.off[r + 1]; ++k) {
-      const double x = P.S[P.rows[r] * E + C.expert[k]];
-      lo = std::min(lo, x), hi = std::max(hi, x);
-    }
-  if (!(hi >= lo)) lo = hi = 0.0;  // no candidate pairs at all
-  const double range = hi > lo ? hi - lo : 1.0;
-  const double K = std::ldexp(1.0, kScoreBits) / range;  // integer units per score unit
-  const int64_t alpha = n + 1;                          // cost multiplier that makes epsilon = 1 exact
-  const double unit = K * static_cast<double>(alpha);  // price units per score unit
+    for (int64_t k = C.off[r]; k < C.off[r + 1]; ++k) score[k] = P.score(r, C.expert[k]);
+  // The short arc's cost beats the score any augmenting path (at most min(R, E) + 1 pairs) can gain, and
+  // keeps every client's starting potential (a reduced score) above -big.
+  const bool any = C.hi >= C.lo;  // false when no pair is allowed at all
+  const double lo = any ? C.lo : 0.0, hi = any ? C.hi : 0.0, range = hi - lo;
+  const double top_price = price.empty() ? 0.0 : *std::max_element(price.begin(), price.end());
+  const double big = (static_cast<double>(std::min<int64_t>(R, P.E)) + 2.0) * range + std::abs(lo) +
+                     std::abs(hi) + top_price + 1.0;
+  return BMatching(C.off, C.expert, std::move(score), P.c, P.u, big);
+}
 
-  std::vector<ArcSpec> arcs;
-  arcs.reserve(R + C.expert.size() + E);
-  for (int64_t r = 0; r < R; ++r) arcs.push_back({s, client(r), P.c[r], 0});
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t k = C.off[r]; k < C.off[r + 1]; ++k) {
-      const double x = P.S[P.rows[r] * E + C.expert[k]];
-      arcs.push_back({client(r), expert(C.expert[k]), 1, std::llround((hi - x) * K) * alpha});
-    }
-  for (int64_t j = 0; j < E; ++j) arcs.push_back({expert(j), t, P.u[j], 0});
-  FlowGraph G(n, arcs);
-
-  // Initial flow: previous choices first, then each client's best candidates while capacity lasts.
-  std::vector<int32_t> load(E, 0), used(R, 0);
-  auto take = [&](int64_t r, int64_t arc) {
-    const int32_t j = G.head(arc) - expert(0);
-    if (G.residual(arc) == 0 || used[r] >= P.c[r] || load[j] >= P.u[j]) return;
-    G.push(G.reverse(G.begin(client(r))), 1);  // s -> client
-    G.push(arc, 1);
-    G.push(G.end(G.head(arc)) - 1, 1);  // expert -> t is the expert's last arc
-    ++used[r], ++load[j];
-  };
-  for (int pass = 0; pass < 2; ++pass)
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t b = G.begin(client(r)) + 1, e = G.end(client(r));
-      if (pass == 0 && !prefer.off.empty()) {
-        for (int64_t k = prefer.off[r]; k < prefer.off[r + 1]; ++k)
-          for (int64_t a = b; a < e; ++a)
-            if (G.head(a) == expert(prefer.expert[k])) take(r, a);
-      } else if (pass == 1) {
-        for (int64_t a = b; a < e; ++a) take(r, a);
-      }
-    }
-  G.max_flow(s, t);
-  // With every client full, the source arcs carry c_i in every maximum flow: freeze them so that the
-  // source (a hub joined to every client) never takes part in the cost scaling.
-  int64_t flow = 0, demand = 0;
-  for (int64_t r = 0; r < R; ++r) flow += G.residual(G.begin(client(r))), demand += P.c[r];
-  const bool frozen = flow == demand;
-  if (frozen)
-    for (int64_t r = 0; r < R; ++r) G.freeze(G.begin(client(r)));
-
-  // Node prices from expert prices: p_j = (pi_t - pi_j) / unit. Clients sit at their c_i-th best arc.
-  // Experts left with spare capacity sit at price 0 in every optimum where they keep it.
-  std::vector<int64_t> pi(n, 0);
-  for (int64_t j = 0; j < E; ++j)
-    if (G.residual(G.end(expert(j)) - 1) == 0) pi[expert(j)] = -std::llround(price[j] * unit);
-  int64_t pi_s = INT64_MAX;
-  std::vector<int64_t> vals;
-  for (int64_t r = 0; r < R; ++r) {
-    vals.clear();
-    for (int64_t a = G.begin(client(r)) + 1; a < G.end(client(r)); ++a) vals.push_back(pi[G.head(a)] - G.cost(a));
-    if (vals.empty()) continue;
-    const int64_t kth = std::min<int64_t>(std::max(P.c[r], 1), static_cast<int64_t>(vals.size())) - 1;
-    std::nth_element(vals.begin(), vals.begin() + kth, vals.end(), std::greater<int64_t>());
-    pi[client(r)] = vals[kth];
-    pi_s = std::min(pi_s, vals[kth]);
-  }
-  pi[s] = pi_s == INT64_MAX ? 0 : pi_s;
-  G.min_cost(pi, G.optimality_epsilon(pi));
-  if (frozen && R > 0)  // the source price is free: the tightest duals put it at the lowest client price
-    pi[s] = *std::min_element(pi.begin() + client(0), pi.begin() + client(R));
-
+// The chosen pairs, objective and LP duals of a solved matching.
+template <typename T>
+Solution extract(const SubProblem<T>& P, const BMatching& M) {
+  const int64_t R = M.clients(), E = M.experts();
   Solution out;
   out.off.assign(R + 1, 0);
   out.a.resize(R);
   out.p.resize(E);
+  bool any_short = false;
+  const double pt = M.potential_sink();
+  double lambda = std::numeric_limits<double>::infinity(), magnitude = std::abs(pt);
   for (int64_t r = 0; r < R; ++r) {
-    for (int64_t a = G.begin(client(r)) + 1; a < G.end(client(r)); ++a)
-      if (G.residual(a) == 0) out.expert.push_back(G.head(a) - expert(0));
+    for (int64_t a = M.off()[r]; a < M.off()[r + 1]; ++a)
+      if (M.used(a)) out.expert.push_back(M.expert()[a]);
     std::sort(out.expert.begin() + out.off[r], out.expert.end());
     out.off[r + 1] = static_cast<int64_t>(out.expert.size());
-    out.a[r] = std::max(0.0, static_cast<double>(pi[client(r)] - pi[s]) / unit);
+    any_short |= M.short_units(r) > 0;
+    if (P.c[r] > 0) lambda = std::min(lambda, M.potential_client(r) - pt);
+    magnitude = std::max(magnitude, std::abs(M.potential_client(r)));
   }
-  for (int64_t j = 0; j < E; ++j) out.p[j] = std::max(0.0, static_cast<double>(pi[t] - pi[expert(j)]) / unit);
-  out.lambda = hi + static_cast<double>(pi[s] - pi[t]) / unit;
+  // A short client is worth -big per missing pair; with none, the tightest lambda makes some a_i zero.
+  out.lambda = any_short ? -M.big() : (lambda < std::numeric_limits<double>::infinity() ? lambda : 0.0);
+  for (int64_t r = 0; r < R; ++r) out.a[r] = std::max(0.0, M.potential_client(r) - pt - out.lambda);
+  for (int64_t j = 0; j < E; ++j) {
+    out.p[j] = std::max(0.0, pt - M.potential_expert(j));
+    magnitude = std::max(magnitude, std::abs(M.potential_expert(j)));
+  }
   out.pairs = static_cast<int64_t>(out.expert.size());
   for (int64_t r = 0; r < R; ++r)
     for (int64_t k = out.off[r]; k < out.off[r + 1]; ++k) out.objective += P.score(r, out.expert[k]);
-  out.resolution = std::max(1.0 / K, 1e-15 * std::max(std::abs(hi), std::abs(lo)));
+  out.tolerance = 1e-12 * (magnitude + M.big());
   return out;
 }
 
@@ -260,18 +207,24 @@ bool augmenting_paths(const SubProblem<T>& P, const Solution& X, const Candidate
 // scaling would restart the holdings and leave overpriced experts with spare capacity, which costs the
 // exact solver more than it saves.
 constexpr int kAuctionEpsBits = 18;
+// Bids per unit of demand: the cap of any auction, and the budget of the zero-price attempt of a cold start.
+constexpr int64_t kMaxBidsPerUnit = 8;
+constexpr int kColdBidsPerUnit = 2;
 
 // Candidate lists for P from an auction started at `price` (updated in place); the auction's holdings
-// go to `holdings` (they seed the flow solver).
+// go to `holdings` (they seed the exact solver). With `budget` >= 0 the auction gives up after that many
+// bids per unit of demand and returns no lists (an empty `off`).
 template <typename T>
 Candidates auction_candidates(const SubProblem<T>& P, std::vector<double>& price, int extra, int threads,
-                              Solution& holdings) {
+                              Solution& holdings, int budget) {
   Candidates C = select_candidates(P, price, extra, false, threads);
   Auction<T> A(P, price, C, extra);
   int64_t demand = 0;
   for (int32_t c : P.c) demand += c;
-  const int64_t max_bids = 8 * (demand + static_cast<int64_t>(P.rows.size()));
-  A.run(std::ldexp(A.range(), -kAuctionEpsBits), max_bids);
+  const int64_t units = demand + static_cast<int64_t>(P.rows.size());
+  if (!A.run(std::ldexp(A.range(), -kAuctionEpsBits), budget >= 0 ? budget * units : kMaxBidsPerUnit * units) &&
+      budget >= 0)
+    return Candidates{};
   A.finish(C, holdings.off, holdings.expert);
   return C;
 }
@@ -279,14 +232,16 @@ Candidates auction_candidates(const SubProblem<T>& P, std::vector<double>& price
 template <typename T>
 std::vector<double> price_estimate(const SubProblem<T>& P, int extra, int threads);
 
-// Prices of a large cold problem from a row sample with proportionally scaled expert capacities.
+// Prices of a large cold problem from a row sample (1 in kSampleStride) with proportionally scaled
+// expert capacities.
 template <typename T>
 std::vector<double> sample_prices(const SubProblem<T>& P, int extra, int threads) {
   SubProblem<T> Q{P.S, P.E, P.dense_limit, {}, {}, {}};
   int64_t demand = 0, sampled = 0;
   for (size_t r = 0; r < P.rows.size(); ++r) {
     // Deterministic and order-free; salted by the subset size so that each level samples afresh.
-    uint64_t h = (static_cast<uint64_t>(P.rows[r]) + P.rows.size() * 0xD1B54A32D192ED03ull) * 0x9E3779B97F4A7C15ull;
+    uint64_t h = (static_cast<uint64_t>(P.rows[r]) + P.rows.size() * 0xD1B54A32D192ED03ull) *
+                 0x9E3779B97F4A7C15ull;
     h ^= h >> 29;
     h *= 0xBF58476D1CE4E5B9ull;
     h ^= h >> 32;
@@ -319,15 +274,32 @@ std::vector<double> sample_prices(const SubProblem<T>& P, int extra, int threads
   return price_estimate(Q, extra, threads);
 }
 
+// Candidates of a cold problem: an auction from zero prices, which suits problems where few experts are
+// contested; when it runs out of its bid budget (heavy contention makes a forward auction slow), an
+// auction from the prices of a row sample instead.
+template <typename T>
+Candidates cold_candidates(const SubProblem<T>& P, std::vector<double>& price, int extra, int threads,
+                           Solution& holdings) {
+  price.assign(P.E, 0.0);
+  Candidates C = auction_candidates(P, price, extra, threads, holdings, kColdBidsPerUnit);
+  if (!C.off.empty()) return C;
+  price = sample_prices(P, extra, threads);
+  return auction_candidates(P, price, extra, threads, holdings, -1);
+}
+
 // Expert prices of P without a certificate: exact duals when P is small, else auction prices.
 template <typename T>
 std::vector<double> price_estimate(const SubProblem<T>& P, int extra, int threads) {
   std::vector<double> price(P.E, 0.0);
-  if (static_cast<int64_t>(P.rows.size()) * P.E <= P.dense_limit)
-    return solve_candidates(P, select_candidates(P, price, extra, true, threads), price, Solution{}).p;
+  if (static_cast<int64_t>(P.rows.size()) * P.E <= P.dense_limit) {
+    BMatching M = make_matching(P, select_candidates(P, price, extra, true, threads), price);
+    M.start(price, {}, {});
+    M.solve();
+    return extract(P, M).p;
+  }
   price = sample_prices(P, extra, threads);
   Solution ignored;
-  auction_candidates(P, price, extra, threads, ignored);
+  auction_candidates(P, price, extra, threads, ignored, -1);
   return price;
 }
 
@@ -335,38 +307,49 @@ std::vector<double> price_estimate(const SubProblem<T>& P, int extra, int thread
 template <typename T>
 Solution solve(const SubProblem<T>& P, std::vector<double> price, int extra, int threads) {
   const int64_t R = static_cast<int64_t>(P.rows.size()), E = P.E;
-  Solution X, previous;
+  Solution held;
   Candidates C;
+  const bool cold = price.empty();
   if (R * E <= P.dense_limit) {
     if (price.empty()) price.assign(E, 0.0);
     C = select_candidates(P, price, extra, true, threads);
   } else {
-    if (price.empty()) price = sample_prices(P, extra, threads);
-    C = auction_candidates(P, price, extra, threads, previous);
+    C = cold ? cold_candidates(P, price, extra, threads, held) : auction_candidates(P, price, extra, threads, held, -1);
   }
+  BMatching M = make_matching(P, C, price);
+  M.start(price, held.off, held.expert);
+  Solution X;
   int rounds = 0;
   int64_t added = 0;
   for (;;) {
     ++rounds;
-      X = solve_candidates(P, C, price, previous);
+    M.solve();
+    X = extract(P, M);
     std::vector<std::pair<int64_t, int32_t>> pairs;
-    const double xi = reduced_cost_scan(P, X, 4.0 * X.resolution, std::max(extra, 1), threads, pairs);
+    const double xi = reduced_cost_scan(P, X, X.tolerance, std::max(extra, 1), threads, pairs);
     augmenting_paths(P, X, C, pairs);
     if (pairs.empty()) {
       double dual = X.lambda * static_cast<double>(X.pairs) + xi;
       for (int64_t r = 0; r < R; ++r) dual += P.c[r] * X.a[r];
       for (int64_t j = 0; j < E; ++j) dual += P.u[j] * X.p[j];
       X.dual_objective = dual;
-      // Dual feasible (no violating pair) and a zero gap up to the integer resolution of the costs.
-      const double slack = 8.0 * X.resolution * static_cast<double>(X.pairs + R + E);
+      // Dual feasible (no violating pair) and a zero gap up to rounding.
+      const double slack = 8.0 * X.tolerance * static_cast<double>(X.pairs + R + E);
       X.certified = dual - X.objective <= slack + 1e-9 * std::abs(X.objective);
       break;
     }
-    const int64_t fresh = add_candidates(C, std::move(pairs));
-    if (fresh == 0) break;  // cannot happen with exact arithmetic; never loop forever
-    added += fresh;
-    price = X.p;
-    previous = std::move(X);
+    // New arcs only, sorted by client, with their scores.
+    std::sort(pairs.begin(), pairs.end());
+    pairs.erase(std::unique(pairs.begin(), pairs.end()), pairs.end());
+    std::vector<std::pair<int64_t, int32_t>> fresh;
+    std::vector<double> score;
+    for (const auto& [r, j] : pairs) {
+      const auto b = M.expert().begin() + M.off()[r], e = M.expert().begin() + M.off()[r + 1];
+      if (std::find(b, e, j) == e) fresh.emplace_back(r, j), score.push_back(P.score(r, j));
+    }
+    if (fresh.empty()) break;  // cannot happen with exact arithmetic; never loop forever
+    added += static_cast<int64_t>(fresh.size());
+    M.add_arcs(fresh, score);
   }
   X.rounds = rounds;
   X.pairs_added = added;

@@ -56,7 +56,8 @@ class Auction {
   double range() const { return range_; }
 
   // Bid until every client holds its c_r experts (or has nothing left to bid for), at most max_bids bids.
-  void run(double eps, int64_t max_bids) {
+  // Returns false if it stopped at max_bids.
+  bool run(double eps, int64_t max_bids) {
     std::deque<int32_t> queue;
     for (int64_t r = 0; r < R_; ++r)
       if (P_.c[r] > 0 && allowed_[r] > 0) {
@@ -70,6 +71,7 @@ class Auction {
       bid(r, eps, queue);
     }
     for (int32_t r : queue) queued_[r] = 0;
+    return queue.empty();
   }
 
   // Final lists (each client's held experts included) into C; the holdings as CSR (off, expert).
