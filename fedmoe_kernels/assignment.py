@@ -109,8 +109,8 @@ def _warm_prices(warm_start, num_experts: int) -> np.ndarray | None:
         raise ValueError(f"warm_start must be numeric expert prices: {exc}") from None
     if prices.shape != (num_experts,):
         raise ValueError(f"warm_start must give {num_experts} expert prices, got shape {prices.shape}")
-    if not np.all(np.isfinite(prices)):
-        raise ValueError("warm_start prices must be finite")
+    if not np.all(np.isfinite(prices)) or np.any(prices < 0):
+        raise ValueError("warm_start prices must be finite and non-negative")
     return np.ascontiguousarray(prices)
 
 
@@ -122,7 +122,7 @@ def assign(
     warm_start=None,
     candidates: int = 8,
     threads: int | None = None,
-    dense_limit: int = 1 << 21,
+    dense_limit: int = 1 << 12,
 ) -> Assignment:
     """Solve the capacity-constrained assignment exactly.
 

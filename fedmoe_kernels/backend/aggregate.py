@@ -1,4 +1,4 @@
-"""Triton kernels of the fused per-expert weighted aggregation (:mod:`fedmoe_kernels.aggregate`).
+"""Triton kernels of the fused per-expert weighted aggregation (:func:`fedmoe_kernels.aggregate`).
 
 Two launches per batch of rows:
 
