@@ -38,8 +38,10 @@ namespace fedmoe {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-// Row sample fraction (1 / kSampleStride) for estimating prices of a large cold problem.
+// Row sample fraction (1 / kSampleStride) for estimating prices of a large cold problem; samples of at
+// most kSampleBaseEntries entries are solved exactly (every pair a candidate).
 constexpr int64_t kSampleStride = 8;
+constexpr int64_t kSampleBaseEntries = int64_t{1} << 16;
 
 struct Solution {
   std::vector<int64_t> off;      // per row, CSR into `expert`
@@ -203,26 +205,32 @@ bool augmenting_paths(const SubProblem<T>& P, const Solution& X, const Candidate
   return !ends.empty();
 }
 
-// Auction epsilon: range * 2^-kAuctionEpsBits. One phase from the warm (or sampled) prices: epsilon
-// scaling would restart the holdings and leave overpriced experts with spare capacity, which costs the
-// exact solver more than it saves.
-constexpr int kAuctionEpsBits = 18;
+// The auction runs one phase from the warm (or sampled, or zero) prices: epsilon scaling would restart
+// the holdings and leave overpriced experts with spare capacity, which costs the exact solver more than
+// it saves.
 // Bids per unit of demand: the cap of any auction, and the budget of the zero-price attempt of a cold start.
 constexpr int64_t kMaxBidsPerUnit = 8;
-constexpr int kColdBidsPerUnit = 2;
+constexpr int kContestedEpsBits = 18;
+constexpr int kColdBidsPerUnit = 1;
 
 // Candidate lists for P from an auction started at `price` (updated in place); the auction's holdings
 // go to `holdings` (they seed the exact solver). With `budget` >= 0 the auction gives up after that many
-// bids per unit of demand and returns no lists (an empty `off`).
+// bids per unit of demand and returns no lists (an empty `off`). A `fine` auction ends within the exact
+// solver's tolerance (cheap where few experts are contested); a coarse one (epsilon = range *
+// 2^-kContestedEpsBits) converges where many are, at the price of more work for the exact solver.
 template <typename T>
 Candidates auction_candidates(const SubProblem<T>& P, std::vector<double>& price, int extra, int threads,
-                              Solution& holdings, int budget) {
+                              Solution& holdings, int budget, bool fine) {
   Candidates C = select_candidates(P, price, extra, false, threads);
   Auction<T> A(P, price, C, extra);
   int64_t demand = 0;
   for (int32_t c : P.c) demand += c;
   const int64_t units = demand + static_cast<int64_t>(P.rows.size());
-  if (!A.run(std::ldexp(A.range(), -kAuctionEpsBits), budget >= 0 ? budget * units : kMaxBidsPerUnit * units) &&
+  // Epsilon 0 means within the exact solver's rounding tolerance (1e-13 of its `big`), so that its start
+  // keeps every pair the auction holds; else range * 2^-kContestedEpsBits.
+  const double eps = fine ? 1e-13 * static_cast<double>(std::min<int64_t>(P.rows.size(), P.E) + 2) * A.range()
+                          : std::ldexp(A.range(), -kContestedEpsBits);
+  if (!A.run(eps, budget >= 0 ? budget * units : kMaxBidsPerUnit * units) &&
       budget >= 0)
     return Candidates{};
   A.finish(C, holdings.off, holdings.expert);
@@ -281,17 +289,17 @@ template <typename T>
 Candidates cold_candidates(const SubProblem<T>& P, std::vector<double>& price, int extra, int threads,
                            Solution& holdings) {
   price.assign(P.E, 0.0);
-  Candidates C = auction_candidates(P, price, extra, threads, holdings, kColdBidsPerUnit);
+  Candidates C = auction_candidates(P, price, extra, threads, holdings, kColdBidsPerUnit, true);
   if (!C.off.empty()) return C;
   price = sample_prices(P, extra, threads);
-  return auction_candidates(P, price, extra, threads, holdings, -1);
+  return auction_candidates(P, price, extra, threads, holdings, -1, false);
 }
 
 // Expert prices of P without a certificate: exact duals when P is small, else auction prices.
 template <typename T>
 std::vector<double> price_estimate(const SubProblem<T>& P, int extra, int threads) {
   std::vector<double> price(P.E, 0.0);
-  if (static_cast<int64_t>(P.rows.size()) * P.E <= P.dense_limit) {
+  if (static_cast<int64_t>(P.rows.size()) * P.E <= std::max(P.dense_limit, kSampleBaseEntries)) {
     BMatching M = make_matching(P, select_candidates(P, price, extra, true, threads), price);
     M.start(price, {}, {});
     M.solve();
@@ -299,7 +307,7 @@ std::vector<double> price_estimate(const SubProblem<T>& P, int extra, int thread
   }
   price = sample_prices(P, extra, threads);
   Solution ignored;
-  auction_candidates(P, price, extra, threads, ignored, -1);
+  auction_candidates(P, price, extra, threads, ignored, -1, false);
   return price;
 }
 
@@ -314,7 +322,8 @@ Solution solve(const SubProblem<T>& P, std::vector<double> price, int extra, int
     if (price.empty()) price.assign(E, 0.0);
     C = select_candidates(P, price, extra, true, threads);
   } else {
-    C = cold ? cold_candidates(P, price, extra, threads, held) : auction_candidates(P, price, extra, threads, held, -1);
+    C = cold ? cold_candidates(P, price, extra, threads, held)
+             : auction_candidates(P, price, extra, threads, held, -1, true);
   }
   BMatching M = make_matching(P, C, price);
   M.start(price, held.off, held.expert);
@@ -338,18 +347,15 @@ Solution solve(const SubProblem<T>& P, std::vector<double> price, int extra, int
       X.certified = dual - X.objective <= slack + 1e-9 * std::abs(X.objective);
       break;
     }
-    // New arcs only, sorted by client, with their scores.
     std::sort(pairs.begin(), pairs.end());
     pairs.erase(std::unique(pairs.begin(), pairs.end()), pairs.end());
-    std::vector<std::pair<int64_t, int32_t>> fresh;
-    std::vector<double> score;
-    for (const auto& [r, j] : pairs) {
-      const auto b = M.expert().begin() + M.off()[r], e = M.expert().begin() + M.off()[r + 1];
-      if (std::find(b, e, j) == e) fresh.emplace_back(r, j), score.push_back(P.score(r, j));
-    }
-    if (fresh.empty()) break;  // cannot happen with exact arithmetic; never loop forever
-    added += static_cast<int64_t>(fresh.size());
-    M.add_arcs(fresh, score);
+    const int64_t fresh = add_candidates(C, pairs);
+    if (fresh == 0) break;  // cannot happen with exact arithmetic; never loop forever
+    added += fresh;
+    // Restart from this solution and its duals on the larger graph: clients drop the pairs the new arcs
+    // beat, and the exact solver moves them along short paths.
+    M = make_matching(P, C, X.p);
+    M.start(X.p, X.off, X.expert);
   }
   X.rounds = rounds;
   X.pairs_added = added;

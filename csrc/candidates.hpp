@@ -185,4 +185,25 @@ Candidates select_candidates(const SubProblem<T>& P, const std::vector<double>& 
   return C;
 }
 
+// Add pairs (row, expert), sorted by row, to the candidate lists, skipping those already there; new pairs
+// go to the end of a row. Returns how many were added.
+inline int64_t add_candidates(Candidates& C, const std::vector<std::pair<int64_t, int32_t>>& pairs) {
+  const int64_t R = static_cast<int64_t>(C.off.size()) - 1;
+  std::vector<int64_t> off(R + 1, 0);
+  std::vector<int32_t> expert;
+  expert.reserve(C.expert.size() + pairs.size());
+  size_t k = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const auto b = C.expert.begin() + C.off[r], e = C.expert.begin() + C.off[r + 1];
+    expert.insert(expert.end(), b, e);
+    for (; k < pairs.size() && pairs[k].first == r; ++k)
+      if (std::find(b, e, pairs[k].second) == e) expert.push_back(pairs[k].second);
+    off[r + 1] = static_cast<int64_t>(expert.size());
+  }
+  const int64_t added = static_cast<int64_t>(expert.size() - C.expert.size());
+  C.off = std::move(off);
+  C.expert = std::move(expert);
+  return added;
+}
+
 }  // namespace fedmoe

@@ -7,9 +7,8 @@
 //
 // The flow is a pseudo-flow whose residual arcs all have reduced cost c + pi(v) - pi(w) >= 0; nodes with
 // excess send it along shortest paths to nodes with deficit until none is left. It starts from any
-// holdings and expert prices: pairs that break optimality are dropped first, and an expert that has spare
-// capacity at a positive price sends its j->t arc full (a deficit at j), so nothing has to be exact going
-// in. New arcs (repair) with negative reduced cost are saturated, and the same loop restores optimality.
+// holdings and expert prices (see start()), so nothing has to be exact going in; a repair round restarts
+// the same way from the previous solution and duals on a larger graph.
 #pragma once
 
 #include <algorithm>
@@ -17,6 +16,7 @@
 #include <cstdint>
 #include <limits>
 #include <queue>
+#include <set>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -37,7 +37,10 @@ class BMatching {
       for (int64_t a = off_[r]; a < off_[r + 1]; ++a) client_of_[a] = static_cast<int32_t>(r);
     holders_.assign(E_, {});
     to_t_.assign(E_, 0);
+    key_.assign(E_, 0.0);
+    in_from_t_.assign(E_, 0);
     short_.assign(R_, 0);
+    in_short_list_.assign(R_, 0);
     pi_.assign(n, 0.0);
     excess_.assign(n, 0);
     dist_.assign(n, 0.0);
@@ -57,81 +60,67 @@ class BMatching {
   double big() const { return big_; }
 
   // Start from expert prices p (>= 0) and preferred pairs per client (CSR over clients, may be empty).
-  // A client keeps the preferred pairs that lead its candidates sorted by reduced score S - p (so none of
-  // them is worth less than a pair it does not hold); its potential sits at the first one it does not keep.
-  // An expert left with spare capacity drops its price to 0 (where every optimum that leaves it spare puts
-  // it); the arcs this makes attractive are saturated and rerouted by solve().
+  // A client's potential sits at its best candidate it does not prefer (reduced score S - p), or at its
+  // worst preferred one if it prefers them all; it keeps the preferred pairs worth at least that, within
+  // tolerance() (an auction run to that epsilon keeps them all). An expert the preferred pairs fill keeps
+  // its price and owes the pairs its clients dropped (a deficit); any other expert starts at price 0,
+  // where every optimum that leaves it spare puts it, and clients drop the pairs it now beats. solve()
+  // then moves every dropped pair along shortest paths.
   void start(const std::vector<double>& price, const std::vector<int64_t>& pref_off, const std::vector<int32_t>& pref) {
     const int64_t t = R_ + E_;
+    const double tol = tolerance();
     pi_[t] = 0.0;
-    for (int64_t j = 0; j < E_; ++j) pi_[R_ + j] = -price[j];
     std::vector<char> want(E_, 0);
-    std::vector<int32_t> load(E_, 0);
-    std::vector<std::pair<double, int64_t>> order;
+    std::vector<int32_t> load(E_, 0), held(E_, 0);
+    for (int32_t j : pref) ++held[j];
+    for (int64_t j = 0; j < E_; ++j) pi_[R_ + j] = held[j] >= u_[j] ? -price[j] : 0.0;
     for (int64_t r = 0; r < R_; ++r) {
       if (!pref_off.empty())
         for (int64_t k = pref_off[r]; k < pref_off[r + 1]; ++k) want[pref[k]] = 1;
-      order.clear();
-      for (int64_t a = off_[r]; a < off_[r + 1]; ++a) order.emplace_back(-value(a), a);
-      std::sort(order.begin(), order.end());
-      int32_t kept = 0;
-      size_t k = 0;
-      for (; k < order.size(); ++k) {
-        const int64_t a = order[k].second;
-        const int32_t j = expert_[a];
-        if (!want[j] || kept == c_[r] || load[j] == u_[j]) break;
-        used_[a] = 1;
-        ++kept, ++load[j];
-        holders_[j].push_back(a);
+      double best_other = -std::numeric_limits<double>::infinity();
+      double worst_wanted = std::numeric_limits<double>::infinity();
+      for (int64_t a = off_[r]; a < off_[r + 1]; ++a) {
+        if (want[expert_[a]])
+          worst_wanted = std::min(worst_wanted, value(a));
+        else
+          best_other = std::max(best_other, value(a));
       }
-      pi_[r] = k < order.size() ? -order[k].first : (k > 0 ? -order[k - 1].first : 0.0);
+      const bool prefers = worst_wanted < std::numeric_limits<double>::infinity();
+      pi_[r] = best_other > -std::numeric_limits<double>::infinity() ? best_other : (prefers ? worst_wanted : 0.0);
+      int32_t kept = 0;
+      for (int64_t a = off_[r]; a < off_[r + 1]; ++a) {
+        const int32_t j = expert_[a];
+        if (want[j] && kept < c_[r] && load[j] < u_[j] && value(a) >= pi_[r] - tol) {
+          used_[a] = 1;
+          ++kept, ++load[j];
+          holders_[j].push_back(a);
+        }
+      }
       excess_[r] = c_[r] - kept;
       if (!pref_off.empty())
         for (int64_t q = pref_off[r]; q < pref_off[r + 1]; ++q) want[pref[q]] = 0;
     }
     int64_t into_t = 0, demand = 0;
     for (int64_t j = 0; j < E_; ++j) {
-      if (load[j] < u_[j]) pi_[R_ + j] = pi_[t];
-      to_t_[j] = load[j];
+      if (held[j] >= u_[j] && price[j] > 0.0) {  // full in the preferred pairs: keep the price, owe the gap
+        to_t_[j] = u_[j];
+        excess_[R_ + j] = load[j] - u_[j];
+      } else {
+        to_t_[j] = load[j];
+      }
       into_t += to_t_[j];
+      sync(j);
     }
     for (int64_t r = 0; r < R_; ++r) demand += c_[r];
     excess_[t] = into_t - demand;
     saturate_violations();
   }
 
-  // Add candidate arcs (sorted by client, not present yet); arcs that break optimality are saturated.
-  void add_arcs(const std::vector<std::pair<int64_t, int32_t>>& pairs, const std::vector<double>& score) {
-    std::vector<int64_t> off(R_ + 1, 0);
-    std::vector<int32_t> expert;
-    std::vector<double> sc;
-    std::vector<char> used;
-    const size_t m = expert_.size() + pairs.size();
-    expert.reserve(m), sc.reserve(m), used.reserve(m);
-    size_t k = 0;
-    for (int64_t r = 0; r < R_; ++r) {
-      for (int64_t a = off_[r]; a < off_[r + 1]; ++a)
-        expert.push_back(expert_[a]), sc.push_back(score_[a]), used.push_back(used_[a]);
-      for (; k < pairs.size() && pairs[k].first == r; ++k)
-        expert.push_back(pairs[k].second), sc.push_back(score[k]), used.push_back(0);
-      off[r + 1] = static_cast<int64_t>(expert.size());
-    }
-    off_ = std::move(off), expert_ = std::move(expert), score_ = std::move(sc), used_ = std::move(used);
-    client_of_.resize(expert_.size());
-    for (auto& h : holders_) h.clear();
-    for (int64_t r = 0; r < R_; ++r)
-      for (int64_t a = off_[r]; a < off_[r + 1]; ++a) {
-        client_of_[a] = static_cast<int32_t>(r);
-        if (used_[a]) holders_[expert_[a]].push_back(a);
-      }
-    saturate_violations();
-  }
-
   // Rounding allowance on reduced costs (potentials reach the size of `big`).
   double tolerance() const { return 1e-13 * big_; }
 
-  // Push one unit along every unused arc with reduced cost below -tolerance(): the client gets a deficit and the
-  // expert an excess, and every residual arc is back at reduced cost >= 0.
+  // Push one unit along every unused arc with reduced cost below -tolerance(): the client gets a deficit
+  // and the expert an excess, and every residual arc is back at reduced cost >= 0.
   void saturate_violations() {
     for (int64_t r = 0; r < R_; ++r)
       for (int64_t a = off_[r]; a < off_[r + 1]; ++a)
@@ -155,6 +144,14 @@ class BMatching {
 
   double value(int64_t a) const { return score_[a] + pi_[R_ + expert_[a]]; }  // S_ij - p_j
 
+  // Keep expert j in from_t_ (keyed by -pi_j, so the sink's arcs t->j come in reduced-cost order) exactly
+  // while it has flow to the sink.
+  void sync(int64_t j) {
+    if (in_from_t_[j]) from_t_.erase({key_[j], static_cast<int32_t>(j)});
+    in_from_t_[j] = to_t_[j] > 0;
+    if (in_from_t_[j]) from_t_.emplace(key_[j] = -pi_[R_ + j], static_cast<int32_t>(j));
+  }
+
   void relax(int64_t w, double d, int64_t pred) {
     if (state_[w] == 2) return;
     if (state_[w] == 0 || d < dist_[w]) {
@@ -174,9 +171,17 @@ class BMatching {
     heap_ = {};
     relax(src, 0.0, -1);
     int64_t sink = -1;
+    const int32_t cursor = static_cast<int32_t>(t + 1);  // heap entry: the next arc of from_t_
+    std::set<std::pair<double, int32_t>>::const_iterator next;
+    double t_dist = 0.0;
     while (!heap_.empty()) {
       const auto [d, v] = heap_.top();
       heap_.pop();
+      if (v == cursor) {  // the sink's arcs, one at a time in reduced-cost order
+        relax(R_ + next->second, d, -1);
+        if (++next != from_t_.end()) heap_.emplace(t_dist + std::max(0.0, pi_[t] + next->first), cursor);
+        continue;
+      }
       if (state_[v] == 2 || d > dist_[v]) continue;
       state_[v] = 2;
       settled_.push_back(v);
@@ -198,17 +203,29 @@ class BMatching {
           relax(w, d + std::max(0.0, score_[a] + pi_[v] - pi_[w]), a);
         }
         if (to_t_[j] < u_[j]) relax(t, d + std::max(0.0, pi_[v] - pi_[t]), -2 - (R_ + j));
-      } else {  // sink: back along j->t flow and short arcs
-        for (int64_t j = 0; j < E_; ++j)
-          if (to_t_[j] > 0) relax(R_ + j, d + std::max(0.0, pi_[t] - pi_[R_ + j]), -1);
-        for (int32_t r : short_list_)
-          if (short_[r] > 0) relax(r, d + std::max(0.0, -big_ + pi_[t] - pi_[r]), -1);
+      } else {  // sink: back along j->t flow (lazily, see `cursor`) and short arcs
+        next = from_t_.begin();
+        t_dist = d;
+        if (next != from_t_.end()) heap_.emplace(d + std::max(0.0, pi_[t] + next->first), cursor);
+        size_t keep = 0;  // compact the list to the clients still short
+        for (int32_t r : short_list_) {
+          if (short_[r] == 0) {
+            in_short_list_[r] = 0;
+            continue;
+          }
+          short_list_[keep++] = r;
+          relax(r, d + std::max(0.0, -big_ + pi_[t] - pi_[r]), -1);
+        }
+        short_list_.resize(keep);
       }
     }
     if (sink < 0) throw std::logic_error("fedmoe assign: excess with no path to a deficit");
     // Potentials: pi += min(dist, dist[sink]) - dist[sink] keeps every reduced cost >= 0.
     const double ds = dist_[sink];
-    for (int32_t v : settled_) pi_[v] += dist_[v] - ds;
+    for (int32_t v : settled_) {
+      pi_[v] += dist_[v] - ds;
+      if (v >= R_ && v < t) sync(v - R_);
+    }
     for (int32_t v : touched_) state_[v] = 0;
     // Push along the predecessors, from the sink back to src: as much as the path, the excess at src and
     // the deficit at the sink allow (several units at once through j->t, t->j and short arcs).
@@ -248,15 +265,20 @@ class BMatching {
           w = client_of_[p];
         } else {
           to_t_[w - R_] -= static_cast<int32_t>(amount);
+          sync(w - R_);
           w = t;
         }
       } else {  // reached the sink: along j->t or a short arc
         const int64_t v = -2 - p;
         if (v < R_) {
-          if (short_[v] == 0) short_list_.push_back(static_cast<int32_t>(v));
+          if (!in_short_list_[v]) {
+            in_short_list_[v] = 1;
+            short_list_.push_back(static_cast<int32_t>(v));
+          }
           short_[v] += static_cast<int32_t>(amount);
         } else {
           to_t_[v - R_] += static_cast<int32_t>(amount);
+          sync(v - R_);
         }
         w = v;
       }
@@ -277,6 +299,9 @@ class BMatching {
   std::vector<char> state_;
   std::vector<int32_t> touched_, settled_;
   std::priority_queue<Item, std::vector<Item>, std::greater<Item>> heap_;
+  std::set<std::pair<double, int32_t>> from_t_;
+  std::vector<double> key_;
+  std::vector<char> in_from_t_, in_short_list_;
 };
 
 }  // namespace fedmoe
