@@ -3,9 +3,9 @@
 // max-weight maximum b-matching: choose pairs (i, j) with at most c_i per client, u_j per expert, no pair
 // where S_ij = -inf; first as many pairs as possible, then the largest total score.
 //
-// 1. Prices. Expert prices p (duals of the expert capacities) come from the caller (warm start, e.g. the
-//    previous round), or a cold start tries zero prices and, if contention makes that slow, takes prices
-//    from solving a row sample with proportionally scaled expert capacities (recursively).
+// 1. Prices. Expert prices p (duals of the expert capacities): a forward auction from zero first; if
+//    contention makes that slow, from the caller's warm start (e.g. the previous round's duals) or from
+//    solving a row sample with proportionally scaled expert capacities (recursively).
 // 2. Candidates. Per client the best c_i + extra experts by reduced score S_ij - p_j (one pass over S,
 //    which also rejects NaN/+inf), refined by a forward auction (auction.hpp) that moves the prices close to
 //    equilibrium. Small problems keep every allowed pair and start cold.
@@ -208,7 +208,7 @@ bool augmenting_paths(const SubProblem<T>& P, const Solution& X, const Candidate
 // The auction runs one phase from the warm (or sampled, or zero) prices: epsilon scaling would restart
 // the holdings and leave overpriced experts with spare capacity, which costs the exact solver more than
 // it saves.
-// Bids per unit of demand: the cap of any auction, and the budget of the zero-price attempt of a cold start.
+// Bids per unit of demand: the cap of any auction, and the budget of the first, zero-price attempt.
 constexpr int64_t kMaxBidsPerUnit = 8;
 constexpr int kContestedEpsBits = 18;
 constexpr int kColdBidsPerUnit = 1;
@@ -282,16 +282,18 @@ std::vector<double> sample_prices(const SubProblem<T>& P, int extra, int threads
   return price_estimate(Q, extra, threads);
 }
 
-// Candidates of a cold problem: an auction from zero prices, which suits problems where few experts are
-// contested; when it runs out of its bid budget (heavy contention makes a forward auction slow), an
-// auction from the prices of a row sample instead.
+// Candidates and holdings from an auction: first from zero prices, which suits problems where few experts
+// are contested (there, prices carried over from a similar problem mostly overshoot, and a forward auction
+// cannot lower them); when that runs out of its bid budget (heavy contention makes a forward auction from
+// zero slow), from `price`, the caller's warm start, or else the prices of a row sample.
 template <typename T>
-Candidates cold_candidates(const SubProblem<T>& P, std::vector<double>& price, int extra, int threads,
-                           Solution& holdings) {
+Candidates start_candidates(const SubProblem<T>& P, std::vector<double>& price, int extra, int threads,
+                            Solution& holdings) {
+  std::vector<double> fallback = std::move(price);
   price.assign(P.E, 0.0);
   Candidates C = auction_candidates(P, price, extra, threads, holdings, kColdBidsPerUnit, true);
   if (!C.off.empty()) return C;
-  price = sample_prices(P, extra, threads);
+  price = fallback.empty() ? sample_prices(P, extra, threads) : std::move(fallback);
   return auction_candidates(P, price, extra, threads, holdings, -1, false);
 }
 
@@ -317,13 +319,11 @@ Solution solve(const SubProblem<T>& P, std::vector<double> price, int extra, int
   const int64_t R = static_cast<int64_t>(P.rows.size()), E = P.E;
   Solution held;
   Candidates C;
-  const bool cold = price.empty();
   if (R * E <= P.dense_limit) {
     if (price.empty()) price.assign(E, 0.0);
     C = select_candidates(P, price, extra, true, threads);
   } else {
-    C = cold ? cold_candidates(P, price, extra, threads, held)
-             : auction_candidates(P, price, extra, threads, held, -1, true);
+    C = start_candidates(P, price, extra, threads, held);
   }
   BMatching M = make_matching(P, C, price);
   M.start(price, held.off, held.expert);
