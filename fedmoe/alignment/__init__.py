@@ -1,0 +1,54 @@
+"""Client-expert alignment (DESIGN.md §4): fitness, expert load, capacity profiles, desirability and the
+strategies that turn them into each round's assignment.
+
+Per round the federated loop calls ``strategy.assign(RoundState(...))``, then, with what came back,
+``fitness.update(...)``, ``load.update(...)`` and ``profiles.observe(...)``. Every stateful part has
+``state_dict()`` / ``load_state_dict()`` with plain numpy arrays and scalars, for checkpoints.
+"""
+
+from fedmoe.alignment.capacity import (
+    DEFAULT_TIERS,
+    CapacityProfile,
+    ModelCost,
+    ProfileConfig,
+    Tier,
+    generate_profiles,
+)
+from fedmoe.alignment.desirability import Desirability, DesirabilityConfig, minmax
+from fedmoe.alignment.fitness import DenseFitness, FitnessConfig, FitnessTable, LeanFitness, fitness_table
+from fedmoe.alignment.load import ExpertLoad, LoadConfig, LoadStats, gini
+from fedmoe.alignment.strategies import (
+    STRATEGIES,
+    AlignmentResult,
+    RoundState,
+    Strategy,
+    StrategyConfig,
+    make_strategy,
+)
+
+__all__ = [
+    "DEFAULT_TIERS",
+    "STRATEGIES",
+    "AlignmentResult",
+    "CapacityProfile",
+    "DenseFitness",
+    "Desirability",
+    "DesirabilityConfig",
+    "ExpertLoad",
+    "FitnessConfig",
+    "FitnessTable",
+    "LeanFitness",
+    "LoadConfig",
+    "LoadStats",
+    "ModelCost",
+    "ProfileConfig",
+    "RoundState",
+    "Strategy",
+    "StrategyConfig",
+    "Tier",
+    "fitness_table",
+    "generate_profiles",
+    "gini",
+    "make_strategy",
+    "minmax",
+]
