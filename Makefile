@@ -9,6 +9,7 @@ STAMP  := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED = 0
 export RAY_USAGE_STATS_ENABLED = 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
+export FLWR_DISABLE_UPDATE_CHECK = 1
 
 .PHONY: run test setup lint
 setup: $(STAMP)
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*)
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/python benchmarks/bench_assign.py --quick
+	$(BIN)/fedmoe compare
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

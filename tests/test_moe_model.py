@@ -304,3 +304,12 @@ def test_classifier_shapes(dataset):
     torch.testing.assert_close(model(images.flatten(1))[0], logits)
     with pytest.raises(ValueError, match="images"):
         model(torch.randn(5, 3, 8, 8))
+
+
+def test_grouped_mm_check_is_the_same_under_no_grad():
+    """The capability check is cached per process; its first call may come from evaluation code."""
+    grouped_mm_available.cache_clear()
+    with torch.no_grad():
+        first = grouped_mm_available("cpu", torch.float32)
+    grouped_mm_available.cache_clear()
+    assert grouped_mm_available("cpu", torch.float32) == first

@@ -1,0 +1,260 @@
+"""Data for federated experiments: datasets (digits, CIFAR-10, any ``.npz``) and client partitions.
+
+Datasets come back as :class:`Dataset`: float32 images ``[N, C, H, W]`` standardised per channel with the
+training set's mean and std, int64 labels in ``[0, num_classes)``. Flat feature vectors ``[N, D]`` become
+``[N, 1, 1, D]`` (one channel, one row), images ``[N, H, W]`` become ``[N, 1, H, W]``.
+
+Partitions split the training indices among clients: ``dirichlet`` (per class, client shares drawn from
+Dirichlet(alpha); small alpha = few classes per client), ``shards`` (sorted by label, cut into equal shards,
+``shards_per_client`` random shards each) and ``iid``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from fedmoe.alignment import _checks
+
+__all__ = ["PARTITIONS", "Dataset", "load_cifar10", "load_dataset", "load_digits", "load_npz", "partition"]
+
+PARTITIONS = ("dirichlet", "shards", "iid")
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_TEST = "test_batch"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """``x_train`` float32 [N, C, H, W], ``y_train`` int64 [N], ``x_test`` float32 [M, C, H, W],
+    ``y_test`` int64 [M]; labels in ``[0, num_classes)``."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.x_train.shape[1:])
+
+
+def _images(x: np.ndarray, name: str) -> np.ndarray:
+    """``x`` as [N, C, H, W]: flat [N, D] -> [N, 1, 1, D]; [N, H, W] -> [N, 1, H, W]; [N, H, W, C] with
+    C in (1, 3, 4) and the second axis not -> channels first."""
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x) or x.dtype == np.bool_:
+        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    if x.ndim == 2:
+        return x[:, None, None, :]
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4:
+        if x.shape[1] in (1, 3, 4):
+            return x
+        if x.shape[3] in (1, 3, 4):
+            return x.transpose(0, 3, 1, 2)
+        raise ValueError(f"{name} [N, A, B, C] must have channels (1, 3 or 4) in axis 1 or 3, got {x.shape}")
+    raise ValueError(f"{name} must be [N, D], [N, H, W] or [N, C, H, W] (or NHWC), got shape {x.shape}")
+
+
+def _labels(y: np.ndarray, n: int, name: str) -> np.ndarray:
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must be 1-D with {n} entries (one per sample), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if n and y.min() < 0:
+        raise ValueError(f"{name} must be >= 0, got {y.min()}")
+    return y.astype(np.int64)
+
+
+def _build(name, x_train, y_train, x_test, y_test) -> Dataset:
+    """Checked, channel-standardised :class:`Dataset` from raw arrays."""
+    x_train, x_test = _images(x_train, "x"), _images(x_test, "x_test")
+    y_train, y_test = _labels(y_train, x_train.shape[0], "y"), _labels(y_test, x_test.shape[0], "y_test")
+    if x_train.shape[0] < 2 or x_test.shape[0] < 1:
+        raise ValueError(f"need >= 2 training and >= 1 test samples, got {x_train.shape[0]} and "
+                         f"{x_test.shape[0]}")
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise ValueError(f"x_test samples have shape {x_test.shape[1:]}, x has {x_train.shape[1:]}")
+    x_train, x_test = x_train.astype(np.float32), x_test.astype(np.float32)
+    if not (np.isfinite(x_train).all() and np.isfinite(x_test).all()):
+        raise ValueError("x and x_test must be finite")
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if num_classes < 2:
+        raise ValueError("labels must cover at least 2 classes")
+    mean = x_train.mean(axis=(0, 2, 3), keepdims=True)
+    std = x_train.std(axis=(0, 2, 3), keepdims=True)
+    std[std == 0] = 1
+    return Dataset(name, (x_train - mean) / std, y_train, (x_test - mean) / std, y_test, num_classes)
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    """Seeded random split into (x_train, y_train, x_test, y_test)."""
+    _checks.real("test_fraction", test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = max(1, round(test_fraction * len(y)))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's 8x8 digits (1,797 images, bundled: nothing is downloaded), split at random."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = bunch.images.astype(np.float32)
+    return _build("digits", *_split(x, bunch.target, test_fraction, seed))
+
+
+def load_npz(path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Arrays ``x`` and ``y`` (and optionally ``x_test`` and ``y_test``; else a random split) from an
+    ``.npz`` file, loaded without pickle."""
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as f:
+        keys = set(f.files)
+        if not {"x", "y"} <= keys:
+            raise ValueError(f"{path} must contain arrays 'x' and 'y', found {sorted(keys)}")
+        if ("x_test" in keys) != ("y_test" in keys):
+            raise ValueError(f"{path} must contain both or neither of 'x_test' and 'y_test'")
+        x, y = f["x"], f["y"]
+        if "x_test" in keys:
+            return _build(path.stem, x, y, f["x_test"], f["y_test"])
+    _labels(y, x.shape[0], "y")
+    return _build(path.stem, *_split(x, y, test_fraction, seed))
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only dicts, lists, bytes, numbers and numpy arrays (what CIFAR-10 batches hold)."""
+
+    _ALLOWED: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"): ("numpy", "ndarray"),
+        ("numpy", "dtype"): ("numpy", "dtype"),
+        ("_codecs", "encode"): ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
+        return super().find_class(*self._ALLOWED[module, name])
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        batch = _ArrayUnpickler(f, encoding="bytes").load()
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"{path} is not a CIFAR-10 batch (a dict with b'data' and b'labels')")
+    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != data.shape[:1]:
+        raise ValueError(f"{path}: b'data' must be uint8 [N, 3072] with N labels, got {data.dtype} "
+                         f"{data.shape} and {labels.shape} labels")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(root) -> Dataset:
+    """CIFAR-10 in its python format (``data_batch_1..5`` and ``test_batch``) from ``root`` or
+    ``root/cifar-10-batches-py``; the batches are unpickled with only numpy arrays allowed."""
+    root = Path(root)
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    missing = [n for n in (*_CIFAR_TRAIN, _CIFAR_TEST) if not (root / n).is_file()]
+    if missing:
+        raise ValueError(f"{root} is not a CIFAR-10 python directory: missing {missing}")
+    train = [_cifar_batch(root / n) for n in _CIFAR_TRAIN]
+    x_test, y_test = _cifar_batch(root / _CIFAR_TEST)
+    x = np.concatenate([b[0] for b in train])
+    y = np.concatenate([b[1] for b in train])
+    return _build("cifar10", x / np.float32(255), y, x_test / np.float32(255), y_test)
+
+
+def load_dataset(spec: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """``"digits"``, a CIFAR-10 python directory, or a ``.npz`` file. ``test_fraction`` and ``seed`` set the
+    random test split where the data has no test set of its own."""
+    if not isinstance(spec, str | Path):
+        raise TypeError(f"data must be a str or path, got {type(spec).__name__}")
+    if str(spec) == "digits":
+        return load_digits(test_fraction=test_fraction, seed=seed)
+    path = Path(spec)
+    if path.is_dir():
+        return load_cifar10(path)
+    if path.suffix == ".npz" and path.is_file():
+        return load_npz(path, test_fraction=test_fraction, seed=seed)
+    raise ValueError(f"data must be 'digits', a CIFAR-10 directory or an existing .npz file, got {spec!r}")
+
+
+def partition(labels, num_clients: int, scheme: str = "dirichlet", *, alpha: float = 0.5,
+              shards_per_client: int = 2, min_samples: int = 8, seed: int = 0,
+              max_tries: int = 1000) -> list[np.ndarray]:
+    """Split sample indices ``0..len(labels)-1`` among ``num_clients`` clients.
+
+    Args:
+        labels: int [N] class labels.
+        scheme: ``dirichlet``, ``shards`` or ``iid`` (module docstring).
+        alpha: Dirichlet concentration (> 0).
+        shards_per_client: shards per client (``shards``).
+        min_samples: every client gets at least this many samples (``dirichlet`` redraws until it holds,
+            at most ``max_tries`` times; the others check it).
+        seed: same seed, same partition.
+
+    Returns:
+        ``num_clients`` sorted int64 index arrays, disjoint, covering all samples.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    num_clients = _checks.integer("num_clients", num_clients, 1)
+    min_samples = _checks.integer("min_samples", min_samples, 0)
+    n = labels.size
+    if num_clients * max(min_samples, 1) > n:
+        raise ValueError(f"num_clients={num_clients} with min_samples={min_samples} needs more than the "
+                         f"{n} samples")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        parts = np.array_split(rng.permutation(n), num_clients)
+    elif scheme == "shards":
+        shards_per_client = _checks.integer("shards_per_client", shards_per_client, 1)
+        if num_clients * shards_per_client > n:
+            raise ValueError(f"num_clients * shards_per_client = {num_clients * shards_per_client} exceeds "
+                             f"the {n} samples")
+        by_label = np.lexsort((rng.random(n), labels))  # by label, random order within a label
+        shards = np.array_split(by_label, num_clients * shards_per_client)
+        owner = rng.permutation(len(shards)).reshape(num_clients, shards_per_client)
+        parts = [np.concatenate([shards[s] for s in row]) for row in owner]
+    elif scheme == "dirichlet":
+        alpha = _checks.real("alpha", alpha, 0.0, lo_open=True)
+        parts = _dirichlet(labels, num_clients, alpha, min_samples, rng, max_tries)
+    else:
+        raise ValueError(f"scheme must be one of {PARTITIONS}, got {scheme!r}")
+    parts = [np.sort(p).astype(np.int64) for p in parts]
+    smallest = min(p.size for p in parts)
+    if smallest < min_samples:
+        raise ValueError(f"a client got {smallest} samples, fewer than min_samples={min_samples}")
+    return parts
+
+
+def _dirichlet(labels, num_clients, alpha, min_samples, rng, max_tries) -> list[np.ndarray]:
+    """Per class, Dirichlet(alpha) client shares (a client already holding more than N / num_clients
+    samples takes no more); redrawn until every client has ``min_samples``."""
+    n = labels.size
+    classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        sizes = np.zeros(num_clients, dtype=np.int64)
+        for idx in classes:
+            idx = rng.permutation(idx)
+            share = rng.dirichlet(np.full(num_clients, alpha)) * (sizes < n / num_clients)
+            cuts = (np.cumsum(share / share.sum()) * idx.size).astype(np.int64)[:-1]
+            for client, piece in enumerate(np.split(idx, cuts)):
+                parts[client].append(piece)
+                sizes[client] += piece.size
+        if sizes.min() >= min_samples:
+            return [np.concatenate(p) for p in parts]
+    raise ValueError(f"no Dirichlet(alpha={alpha}) partition gave every one of {num_clients} clients "
+                     f"min_samples={min_samples} samples in {max_tries} tries; raise alpha or lower "
+                     f"num_clients / min_samples")

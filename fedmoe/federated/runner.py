@@ -1,0 +1,172 @@
+"""One simulated federated run: data, partition, model, server and clients built from a
+:class:`FederatedConfig`; rounds, per-round metrics, checkpoints and resume.
+
+Per round: online clients -> ``server.configure`` -> each payload played by the simulation
+(``FederatedRun.train`` on the client's data) -> ``server.aggregate`` -> evaluation on the held-out
+set. The record of a round is the server's :class:`RoundReport` plus ``accuracy``, ``loss``,
+``load_cv`` and ``load`` (the decayed expert load [E]) and ``sim_time`` (cumulative simulated seconds).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fedmoe.alignment import ModelCost
+from fedmoe.data import Dataset, load_dataset, partition
+from fedmoe.federated.checkpoint import load_checkpoint, save_checkpoint
+from fedmoe.federated.client import (
+    ClientPayload,
+    ClientUpdate,
+    TrainConfig,
+    gate_affinity,
+    shared_vector,
+    train_client,
+)
+from fedmoe.federated.config import FederatedConfig
+from fedmoe.federated.server import Server
+from fedmoe.federated.simulation import Simulation, make_profiles, model_cost
+from fedmoe.models import MoEClassifier
+
+__all__ = ["CHECKPOINT_VERSION", "FederatedRun", "rounds_to_target", "run_experiment"]
+
+CHECKPOINT_VERSION = 1
+
+
+def rounds_to_target(accuracies, target: float) -> int | None:
+    """The first round (1-based) whose accuracy reaches ``target``; None if none does."""
+    hit = np.flatnonzero(np.asarray(accuracies, dtype=np.float64) >= target)
+    return int(hit[0]) + 1 if hit.size else None
+
+
+class FederatedRun:
+    """A run in progress: ``server``, ``simulation``, ``history`` (one record per finished round).
+
+    ``dataset`` may be given to skip loading ``config.data`` (it must be what that would load), ``cost`` to
+    skip measuring the model (it must be what :func:`model_cost` measures).
+    """
+
+    def __init__(self, config: FederatedConfig, dataset: Dataset | None = None,
+                 cost: ModelCost | None = None):
+        if not isinstance(config, FederatedConfig):
+            raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}")
+        self.config = config
+        self.dataset = load_dataset(config.data, test_fraction=config.test_fraction, seed=config.seed) \
+            if dataset is None else dataset
+        self.parts = partition(self.dataset.y_train, config.num_clients, config.partition,
+                               alpha=config.dirichlet_alpha, shards_per_client=config.shards_per_client,
+                               min_samples=config.min_samples, seed=config.seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            model = MoEClassifier(self.dataset.input_shape, self.dataset.num_classes,
+                                  d_model=config.d_model, d_hidden=config.d_hidden,
+                                  num_experts=config.num_experts, channels=config.channels,
+                                  top_k=config.top_k)
+        self.cost = model_cost(model, config.local_epochs) if cost is None else cost
+        samples = np.array([p.size for p in self.parts], dtype=np.float64)
+        # the server's profiles are refined by observation; the simulation keeps the self-reported truth
+        self.server = Server(model, make_profiles(samples, self.cost, config.capacity, config.seed), config)
+        self.simulation = Simulation(self.dataset, self.parts,
+                                     make_profiles(samples, self.cost, config.capacity, config.seed), config)
+        self.workspace = copy.deepcopy(model)
+        self.train_config = TrainConfig(config.local_epochs, config.batch_size, config.lr, config.momentum,
+                                        config.aux_loss)
+        self.x_test = torch.from_numpy(self.dataset.x_test)
+        self.y_test = torch.from_numpy(self.dataset.y_test)
+        self.history: list[dict] = []
+
+    def train(self, payload: ClientPayload, x: torch.Tensor, y: torch.Tensor) -> ClientUpdate:
+        """Local training of one client (replaceable, e.g. to inject faults)."""
+        return train_client(self.workspace, payload, x, y, self.train_config)
+
+    def cold_start(self) -> None:
+        """Score every expert for every client with the initial shared gate on local data."""
+        shared = shared_vector(self.server.model)
+        affinity = np.stack([gate_affinity(self.workspace, shared, x) for x in self.simulation.x])
+        self.server.cold_start(np.arange(self.config.num_clients), affinity)
+
+    def step(self) -> dict:
+        """Play one round; returns (and appends to ``history``) its record."""
+        server, sim = self.server, self.simulation
+        plan = server.configure(sim.online(server.round))
+        replies = {c: sim.run(p, self.train) for c, p in plan.payloads.items()}
+        report = server.aggregate(plan, replies)
+        previous = self.history[-1]["sim_time"] if self.history else 0.0
+        record = {**report.to_dict(), **server.evaluate(self.x_test, self.y_test),
+                  "load_cv": server.load.stats().cv, "load": server.load.load.tolist(),
+                  "sim_time": previous + report.seconds}
+        self.history.append(record)
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        return {"version": CHECKPOINT_VERSION, "config": self.config.to_dict(),
+                "server": self.server.state_dict(), "history": copy.deepcopy(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint of a run with the same config (``rounds`` may differ)."""
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
+        saved, mine = dict(state["config"]), self.config.to_dict()
+        differ = sorted(k for k in mine.keys() | saved.keys()
+                        if k != "rounds" and saved.get(k) != mine.get(k))
+        if differ:
+            raise ValueError(f"checkpoint was written with a different config: options {differ} differ")
+        self.server.load_state_dict(state["server"])
+        self.history = list(state["history"])
+        if len(self.history) != self.server.round:
+            raise ValueError(f"checkpoint holds {len(self.history)} round records for round "
+                             f"{self.server.round}")
+
+    def result(self) -> dict:
+        """The results JSON: config, data and client summary, per-round records and final figures."""
+        acc = [r["accuracy"] for r in self.history]
+        profiles = self.server.profiles
+        return {
+            "config": self.config.to_dict(),
+            "dataset": {"name": self.dataset.name, "train": len(self.dataset.y_train),
+                        "test": len(self.dataset.y_test), "classes": self.dataset.num_classes,
+                        "input_shape": list(self.dataset.input_shape)},
+            "clients": {"samples": [int(p.size) for p in self.parts], "tier": profiles.tier.tolist(),
+                        "experts_fit": profiles.experts_fit().tolist()},
+            "model": {"shared_bytes": self.cost.base_bytes, "expert_bytes": self.cost.expert_bytes},
+            "rounds": self.history,
+            "final_accuracy": acc[-1] if acc else None,
+            "best_accuracy": max(acc) if acc else None,
+            "rounds_to_target": rounds_to_target(acc, self.config.target_accuracy),
+            "bytes_sent": sum(r["bytes_sent"] for r in self.history),
+            "bytes_received": sum(r["bytes_received"] for r in self.history),
+            "sim_time": self.history[-1]["sim_time"] if self.history else 0.0,
+        }
+
+
+def run_experiment(config: FederatedConfig, *, checkpoint=None, resume: bool = False,
+                   progress: bool = False, desc: str | None = None, dataset: Dataset | None = None) -> dict:
+    """Run ``config.rounds`` rounds and return :meth:`FederatedRun.result` plus ``wall_seconds``.
+
+    ``checkpoint``: a path written atomically after every round; with ``resume`` an existing checkpoint
+    there is loaded first and the run continues from its round (same config and seed: the same result
+    as an uninterrupted run).
+    """
+    start = time.perf_counter()
+    run = FederatedRun(config, dataset)
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        run.load_state_dict(load_checkpoint(checkpoint))
+    elif config.cold_start:
+        run.cold_start()
+    bar = tqdm(total=config.rounds, initial=min(run.server.round, config.rounds), disable=not progress,
+               desc=desc or config.strategy, unit="round", leave=False)
+    with bar:
+        while run.server.round < config.rounds:
+            record = run.step()
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, run.state_dict())
+            bar.set_postfix(acc=f"{record['accuracy']:.3f}", cv=f"{record['load_cv']:.2f}")
+            bar.update()
+    return {**run.result(), "wall_seconds": time.perf_counter() - start}

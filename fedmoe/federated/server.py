@@ -1,0 +1,279 @@
+"""Server side of federated MoE training (DESIGN.md §5), as separate steps over explicit state.
+
+A round is ``configure`` (select the online clients to ask, align them with experts, build a payload per
+client) -> clients train -> ``aggregate`` (leave out faulty replies, aggregate shared parameters by
+weighted FedAvg and experts with :func:`fedmoe_kernels.aggregate`, update fitness, load and profiles)
+-> ``evaluate``. A Flower strategy maps its configure/aggregate calls onto the same two methods.
+
+Fault filtering: a reply is left out of the round's aggregation, and reported, when it never came
+(``dropped``), came after the deadline (``late``) or is malformed (``invalid``: wrong client or experts,
+wrong shapes or dtypes, non-finite values, nonsensical feedback).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedmoe.alignment import (
+    AlignmentResult,
+    CapacityProfile,
+    ExpertLoad,
+    RoundState,
+    fitness_table,
+    make_strategy,
+)
+from fedmoe.federated.checkpoint import to_numpy
+from fedmoe.federated.client import ClientPayload, ClientUpdate, ExpertFeedback, load_shared, shared_vector
+from fedmoe.federated.config import FederatedConfig
+from fedmoe.federated.simulation import ClientReply
+from fedmoe.models import MoEClassifier
+from fedmoe_kernels import aggregate
+
+__all__ = ["RoundPlan", "RoundReport", "Server", "check_update"]
+
+_SELECT = 11  # random stream of client selection
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What ``configure`` decided: the ``selected`` clients (int64, ascending), the ``alignment`` and one
+    payload per client with at least one expert."""
+
+    round: int
+    selected: np.ndarray
+    alignment: AlignmentResult
+    payloads: dict[int, ClientPayload]
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What ``aggregate`` did. Client ids are JSON-ready strings in the fault maps.
+
+    ``accepted``: clients aggregated; ``dropped`` / ``late`` / ``invalid``: client -> reason;
+    ``bytes_sent`` / ``bytes_received``: tensor bytes of payloads and of replies that arrived;
+    ``seconds``: simulated duration (until the last timely reply, or the deadline if one was missed);
+    ``expert_samples``: [E] samples routed to each expert in the accepted replies; ``train_loss``: mean
+    local loss of the accepted clients (None if none); ``rejected_rows``: expert rows the aggregation
+    kernel refused as non-finite (0 after fault filtering).
+    """
+
+    round: int
+    selected: list[int]
+    assigned: dict[str, list[int]]
+    accepted: list[int]
+    dropped: dict[str, str]
+    late: dict[str, str]
+    invalid: dict[str, str]
+    bytes_sent: int
+    bytes_received: int
+    seconds: float
+    expert_samples: list[float]
+    train_loss: float | None
+    rejected_rows: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_update(update: ClientUpdate, payload: ClientPayload) -> str | None:
+    """Why ``update`` cannot be aggregated for ``payload`` (None if it can)."""
+    k, p = payload.expert_rows.shape
+    if not isinstance(update, ClientUpdate):
+        return f"not a ClientUpdate: {type(update).__name__}"
+    if update.client != payload.client:
+        return f"reply names client {update.client}"
+    experts = np.asarray(update.experts)
+    if experts.shape != payload.experts.shape or not np.array_equal(experts, payload.experts):
+        return f"experts {experts.tolist()} differ from the assigned {payload.experts.tolist()}"
+    for name, tensor, shape in (("shared", update.shared, payload.shared.shape),
+                                ("expert_rows", update.expert_rows, (k, p))):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32:
+            return f"{name} must be a float32 tensor"
+        if tensor.shape != shape:
+            return f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+        if not bool(torch.isfinite(tensor).all()):
+            return f"{name} has non-finite values"
+    if not isinstance(update.num_samples, numbers.Integral) or update.num_samples < 1:
+        return f"num_samples must be a positive int, got {update.num_samples!r}"
+    if not isinstance(update.train_loss, numbers.Real) or not math.isfinite(update.train_loss):
+        return f"train_loss must be a finite number, got {update.train_loss!r}"
+    fb = update.feedback
+    if not isinstance(fb, ExpertFeedback):
+        return f"feedback must be an ExpertFeedback, got {type(fb).__name__}"
+    arrays = {name: np.asarray(getattr(fb, name)) for name in ("share", "loss", "accuracy", "samples")}
+    if any(a.shape != (k,) or not np.all(np.isfinite(a)) or np.any(a < 0) for a in arrays.values()):
+        return f"feedback arrays must be finite, >= 0 and of shape ({k},)"
+    if np.any(arrays["share"] > 1) or np.any(arrays["accuracy"] > 1) or np.any(
+            arrays["samples"] > update.num_samples):
+        return "feedback share/accuracy must be <= 1 and samples <= num_samples"
+    return None
+
+
+class Server:
+    """Server state: the global ``model`` (shared parameters and the expert bank [E, P]), the fitness
+    table, expert load, client ``profiles`` (as reported, refined by observation), the strategy and the
+    ``round`` number. :meth:`state_dict` holds all of it as plain data."""
+
+    def __init__(self, model: MoEClassifier, profiles: CapacityProfile, config: FederatedConfig):
+        if not isinstance(model, MoEClassifier):
+            raise TypeError(f"model must be a MoEClassifier, got {type(model).__name__}")
+        if not isinstance(config, FederatedConfig):
+            raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}")
+        if profiles.num_clients != config.num_clients:
+            raise ValueError(f"profiles has {profiles.num_clients} clients, config.num_clients is "
+                             f"{config.num_clients}")
+        self.config, self.model, self.profiles = config, model, profiles
+        e = model.moe.num_experts
+        self.fitness = fitness_table(config.num_clients, e, config.fitness_config())
+        self.load = ExpertLoad(e, config.load_config())
+        self.strategy = make_strategy(config.strategy_config())
+        self.round = 0
+
+    @property
+    def num_experts(self) -> int:
+        return self.model.moe.num_experts
+
+    # ------------------------------------------------------------------ configure
+
+    def cold_start(self, clients: np.ndarray, affinity: np.ndarray) -> None:
+        """Seed the fitness of ``clients`` (int [n]) with their gate affinity (float [n, E])."""
+        self.fitness.cold_start(clients, affinity)
+
+    def select(self, online: np.ndarray) -> np.ndarray:
+        """int64: up to ``clients_per_round`` of the ``online`` clients (all if 0), ascending; random but
+        fixed by (seed, round)."""
+        online = np.unique(np.asarray(online, dtype=np.int64))
+        want = self.config.clients_per_round or online.size
+        if online.size <= want:
+            return online
+        rng = np.random.default_rng([self.config.seed, _SELECT, self.round])
+        return np.sort(rng.choice(online, size=want, replace=False))
+
+    def configure(self, online: np.ndarray) -> RoundPlan:
+        """Select among ``online``, align the selected clients with experts, build their payloads."""
+        selected = self.select(online)
+        state = RoundState(self.round, selected, self.fitness, self.load, self.profiles,
+                           deadline=self.config.deadline)
+        alignment = self.strategy.assign(state)
+        shared = shared_vector(self.model)
+        bank = self.model.expert_bank.detach()
+        payloads = {}
+        for client, experts in alignment.to_dict().items():
+            experts = np.asarray(experts, dtype=np.int64)
+            seed = int(np.random.SeedSequence([self.config.seed, self.round, client]).generate_state(1)[0])
+            payloads[client] = ClientPayload(self.round, client, experts, shared,
+                                             bank[torch.from_numpy(experts)].clone(), seed)
+        return RoundPlan(self.round, selected, alignment, payloads)
+
+    # ------------------------------------------------------------------ aggregate
+
+    def aggregate(self, plan: RoundPlan, replies: Mapping[int, ClientReply]) -> RoundReport:
+        """Filter faults, aggregate the accepted updates into the model, update fitness, load and profiles,
+        and advance the round."""
+        if plan.round != self.round:
+            raise ValueError(f"plan is for round {plan.round}, the server is at round {self.round}")
+        deadline = self.config.deadline
+        accepted: list[ClientUpdate] = []
+        dropped, late, invalid = {}, {}, {}
+        received = 0
+        seconds = np.full(len(plan.payloads), np.nan)
+        for i, (client, payload) in enumerate(plan.payloads.items()):
+            reply = replies.get(client)
+            if reply is None or reply.update is None:
+                dropped[str(client)] = "no reply" if reply is None else (reply.error or "no reply")
+                continue
+            seconds[i] = reply.seconds
+            received += reply.update.nbytes if isinstance(reply.update, ClientUpdate) else 0
+            if deadline is not None and not reply.seconds <= deadline:
+                late[str(client)] = f"replied after {reply.seconds:.3g} s > deadline {deadline:.3g} s"
+            elif (reason := check_update(reply.update, payload)) is not None:
+                invalid[str(client)] = reason
+            else:
+                accepted.append(reply.update)
+        rejected = self._merge(accepted)
+        clients = np.concatenate([np.full(u.experts.size, u.client) for u in accepted] or [np.zeros(0, int)])
+        experts = np.concatenate([u.experts for u in accepted] or [np.zeros(0, int)])
+        samples = np.concatenate([u.feedback.samples for u in accepted] or [np.zeros(0)]).astype(np.float64)
+        values = np.concatenate([u.feedback.fitness() for u in accepted] or [np.zeros(0)])
+        self.fitness.update(clients, experts, values)
+        self.load.update(experts, samples)
+        if plan.payloads:
+            sizes = [p.experts.size for p in plan.payloads.values()]
+            valid = np.isnan(seconds) | (np.isfinite(seconds) & (seconds > 0))  # what observe accepts
+            self.profiles.observe(np.fromiter(plan.payloads, np.int64)[valid], np.asarray(sizes)[valid],
+                                  seconds[valid])
+        arrived = seconds[np.isfinite(seconds)]
+        missed = deadline is not None and (dropped or late)
+        self.round += 1
+        return RoundReport(
+            round=plan.round, selected=plan.selected.tolist(),
+            assigned={str(c): p.experts.tolist() for c, p in plan.payloads.items()},
+            accepted=[u.client for u in accepted], dropped=dropped, late=late, invalid=invalid,
+            bytes_sent=sum(p.nbytes for p in plan.payloads.values()), bytes_received=received,
+            seconds=float(deadline if missed else arrived.max(initial=0.0)),
+            expert_samples=np.bincount(experts, weights=samples, minlength=self.num_experts).tolist(),
+            train_loss=float(np.mean([u.train_loss for u in accepted])) if accepted else None,
+            rejected_rows=rejected)
+
+    def _merge(self, updates: list[ClientUpdate]) -> int:
+        """Weighted FedAvg of the shared vectors (weights: local samples) and per-expert aggregation of the
+        expert rows (weights: samples routed to the expert), both with ``fedmoe_kernels.aggregate``, in
+        place. Returns the rows the kernel rejected."""
+        if not updates:
+            return 0
+        shared = torch.stack([u.shared for u in updates])
+        weights = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
+        base = shared_vector(self.model)[None]
+        merged = aggregate(shared, torch.zeros(len(updates), dtype=torch.int64), weights, 1, base, out=base)
+        load_shared(self.model, merged.bank[0])
+        with torch.no_grad():
+            rows = torch.cat([u.expert_rows for u in updates])
+            experts = torch.from_numpy(np.concatenate([u.experts for u in updates]))
+            routed = np.concatenate([u.feedback.samples for u in updates])
+            weights = torch.from_numpy(routed.astype(np.float64))
+            bank = self.model.expert_bank.data
+            result = aggregate(rows, experts, weights, self.num_experts, bank, out=bank)
+        return int(merged.rejected.sum() + result.rejected.sum())
+
+    # ------------------------------------------------------------------ evaluate
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> dict[str, float]:
+        """``{"loss", "accuracy"}`` of the global model (all experts allowed) on ``x`` [n, C, H, W], ``y``
+        [n]."""
+        self.model.moe.set_expert_mask(None)
+        self.model.eval()
+        loss, correct = 0.0, 0
+        for lo in range(0, x.shape[0], batch_size):
+            logits, _ = self.model(x[lo:lo + batch_size])
+            loss += float(F.cross_entropy(logits, y[lo:lo + batch_size], reduction="sum"))
+            correct += int((logits.argmax(1) == y[lo:lo + batch_size]).sum())
+        return {"loss": loss / x.shape[0], "accuracy": correct / x.shape[0]}
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Plain data (tensors, numpy arrays, numbers, strings) of the whole server state."""
+        return {"round": self.round,
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "fitness": self.fitness.state_dict(), "load": self.load.state_dict(),
+                "profiles": self.profiles.state_dict(), "strategy": self.strategy.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict` output (numpy arrays may come back as tensors)."""
+        missing = {"round", "model", "fitness", "load", "profiles", "strategy"} - set(state)
+        if missing:
+            raise ValueError(f"server state is missing {sorted(missing)}")
+        self.model.load_state_dict(state["model"])
+        self.fitness.load_state_dict(to_numpy(state["fitness"]))
+        self.load.load_state_dict(to_numpy(state["load"]))
+        self.profiles.load_state_dict(to_numpy(state["profiles"]))
+        self.strategy.load_state_dict(to_numpy(state["strategy"]))
+        self.round = int(state["round"])

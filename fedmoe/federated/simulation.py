@@ -1,0 +1,141 @@
+"""Simulated heterogeneous clients: device tiers, true round times, availability, drop-outs and faults.
+
+Each client belongs to a tier (heterogeneous: 20% high, 50% mid, 30% low; uniform: one mid tier) that
+sets the median of how many experts fit in its memory next to the shared model, its compute (FLOP/s),
+bandwidth (bytes/s), latency and reliability; values are drawn log-normally around the medians
+(:func:`fedmoe.alignment.generate_profiles`), with at least one expert's memory for every client. Sizes
+and FLOPs are the real ones of the model (:func:`model_cost`), so simulated times follow the bytes sent.
+
+The server sees the self-reported profile. The true round time of a client training ``k`` experts is
+that profile's prediction times a hidden per-client factor (log-normal, sigma 0.25: the self-report is
+off) times a per-round jitter (log-normal, sigma 0.1). Each round a client is online with probability
+``availability``; an online client that was given work drops out mid-round (no reply) with probability
+``1 - reliability`` when ``dropout`` is on, and its reply is corrupted (non-finite values) with
+probability ``corrupt``. Every random draw comes from a generator keyed by (seed, round, client), so the
+simulation keeps no state and a resumed run sees the same events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedmoe.alignment import CapacityProfile, ModelCost, ProfileConfig, Tier, generate_profiles
+from fedmoe.data import Dataset
+from fedmoe.federated.client import ClientPayload, ClientUpdate
+from fedmoe.federated.config import FederatedConfig
+from fedmoe.models import MoEClassifier
+
+__all__ = ["TIERS", "ClientReply", "Simulation", "make_profiles", "model_cost"]
+
+# name, share of clients, experts that fit in memory, compute FLOP/s, bandwidth bytes/s, latency s, P(reply)
+TIERS = {
+    "heterogeneous": (("high", 0.2, 8, 2e9, 2e6, 0.02, 0.98),
+                      ("mid", 0.5, 4, 5e8, 5e5, 0.05, 0.95),
+                      ("low", 0.3, 2, 1e8, 1e5, 0.2, 0.90)),
+    "uniform": (("uniform", 1.0, 4, 5e8, 5e5, 0.05, 0.95),),
+}
+_SPREAD = {"heterogeneous": 0.3, "uniform": 0.0}
+_HIDDEN_SIGMA, _JITTER_SIGMA = 0.25, 0.1
+_ONLINE, _CLIENT, _HIDDEN = 1, 2, 3  # random streams
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """What came back from one client: ``update`` (None if it never replied), ``seconds`` after the round
+    started when it arrived (NaN if never), ``error`` (why there is no update, if known)."""
+
+    client: int
+    update: ClientUpdate | None
+    seconds: float
+    error: str | None = None
+
+
+def model_cost(model: MoEClassifier, epochs: int) -> ModelCost:
+    """Real sizes of ``model``: float32 bytes of the shared part and of one expert; training FLOPs per
+    sample (3x the forward FLOPs, counted by torch) all on the shared part, since with top-k routing a
+    sample costs the same however many experts a client holds."""
+    shared = sum(p.numel() * p.element_size() for _, p in model.named_shared_parameters())
+    expert = model.moe.expert_size * model.expert_bank.element_size()
+    sample = torch.zeros((1, *model.input_shape))
+    with torch.no_grad():
+        model(sample)  # one-time capability checks (grouped_mm) run here, outside the count
+        with FlopCounterMode(display=False) as counter:
+            model(sample)
+    return ModelCost(base_bytes=float(shared), expert_bytes=float(expert),
+                     base_flops=3.0 * counter.get_total_flops(), expert_flops=0.0, epochs=float(epochs))
+
+
+def make_profiles(samples: np.ndarray, cost: ModelCost, capacity: str, seed: int) -> CapacityProfile:
+    """Self-reported profiles of ``len(samples)`` clients holding ``samples`` training samples each."""
+    if capacity not in TIERS:
+        raise ValueError(f"capacity must be one of {sorted(TIERS)}, got {capacity!r}")
+    samples = np.asarray(samples, dtype=np.float64)
+    margin = 1 + ProfileConfig().safety_margin
+
+    def memory(experts: float) -> float:
+        return (cost.base_bytes + (experts + 0.5) * cost.expert_bytes) * margin
+
+    tiers = [Tier(name, share, compute=compute, memory=memory(fit), bandwidth=bandwidth, latency=latency,
+                  reliability=reliability, samples=max(float(samples.mean()), 1.0), spread=_SPREAD[capacity])
+             for name, share, fit, compute, bandwidth, latency, reliability in TIERS[capacity]]
+    drawn = generate_profiles(samples.size, tiers, seed=seed, model=cost)
+    return CapacityProfile(drawn.compute, np.maximum(drawn.memory, memory(1)), drawn.bandwidth, drawn.latency,
+                           drawn.reliability, samples, model=cost, tier=drawn.tier)
+
+
+class Simulation:
+    """The clients of one run: their data (from ``dataset`` split by ``parts``), true profiles and faults.
+
+    ``run(payload, train)`` plays one client's round: drop-out, true time, ``train(payload, x, y)``
+    (an exception there counts as the client dropping out), corruption.
+    """
+
+    def __init__(self, dataset: Dataset, parts: list[np.ndarray], profiles: CapacityProfile,
+                 config: FederatedConfig):
+        if len(parts) != profiles.num_clients:
+            raise ValueError(f"parts has {len(parts)} clients, profiles {profiles.num_clients}")
+        self.config = config
+        self.truth = profiles
+        self.x = [torch.from_numpy(dataset.x_train[p]) for p in parts]
+        self.y = [torch.from_numpy(dataset.y_train[p]) for p in parts]
+        n = profiles.num_clients
+        self.hidden = np.exp(_HIDDEN_SIGMA * self._rng(_HIDDEN).standard_normal(n))
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.x)
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, *key])
+
+    def online(self, round_: int) -> np.ndarray:
+        """int64: the clients online at the start of round ``round_``, ascending."""
+        up = self._rng(_ONLINE, round_).random(self.num_clients) < self.config.availability
+        return np.flatnonzero(up)
+
+    def true_seconds(self, round_: int, client: int, num_experts: int) -> float:
+        """The time client ``client`` needs for round ``round_`` with ``num_experts`` experts."""
+        jitter = np.exp(_JITTER_SIGMA * self._rng(_CLIENT, round_, client, 0).standard_normal())
+        predicted = self.truth.round_time(num_experts, np.array([client]))[0]
+        return float(predicted * self.hidden[client] * jitter)
+
+    def run(self, payload: ClientPayload,
+            train: Callable[[ClientPayload, torch.Tensor, torch.Tensor], ClientUpdate]) -> ClientReply:
+        """Play one client's round (see class docstring)."""
+        c = payload.client
+        drop, corrupt = self._rng(_CLIENT, payload.round, c, 1).random(2)
+        if self.config.dropout and drop >= self.truth.reliability[c]:
+            return ClientReply(c, None, float("nan"), "dropped out")
+        try:
+            update = train(payload, self.x[c], self.y[c])
+        except Exception as exc:  # a failing client must not stop the run: it counts as dropped out
+            return ClientReply(c, None, float("nan"), f"{type(exc).__name__}: {exc}")
+        if corrupt < self.config.corrupt:
+            update = dataclasses.replace(update, shared=torch.full_like(update.shared, float("nan")))
+        return ClientReply(c, update, self.true_seconds(payload.round, c, payload.experts.size))

@@ -1,0 +1,177 @@
+"""The ``fedmoe`` command: run, compare, TOML configs, errors, and resuming a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from fedmoe.cli import main
+from fedmoe.federated import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["--num-experts", "4", "--d-model", "8", "--d-hidden", "16", "--channels", "4", "--max-experts", "2",
+         "--quiet"]
+# the killed process sleeps in round 2 (after the checkpoint of rounds 0 and 1) until it is killed
+SLEEP_IN_ROUND_2 = """
+import sys, time
+from fedmoe.cli import main
+from fedmoe.federated.runner import FederatedRun
+step = FederatedRun.step
+def step_or_sleep(self):
+    if self.server.round == 2:
+        time.sleep(600)
+    return step(self)
+FederatedRun.step = step_or_sleep
+main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory) -> str:
+    """400 digits as an .npz with images [N, 8, 8] and no test set (a random split is made)."""
+    d = load_digits()
+    path = tmp_path_factory.mktemp("data") / "digits400.npz"
+    np.savez(path, x=d.images[:400], y=d.target[:400])
+    return str(path)
+
+
+@pytest.fixture
+def tiny(small_npz) -> list[str]:
+    return ["--data", small_npz, "--num-clients", "4", "--clients-per-round", "3", *MODEL]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _strip(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "wall_seconds"}
+
+
+def test_run_writes_a_results_json_with_config_and_rounds_and_plots(tmp_path, capsys, tiny, small_npz):
+    out = tmp_path / "run"
+    main(["run", "--out", str(out), "--rounds", "2", "--deadline", "none", "--no-cold-start", *tiny])
+    result = json.loads((out / "result.json").read_text())
+    config = result["config"]
+    assert config["rounds"] == 2 and config["deadline"] == "none" and config["channels"] == [4]
+    assert config["cold_start"] is False and config["data"] == small_npz
+    assert result["dataset"] == {"name": "digits400", "train": 320, "test": 80, "classes": 10,
+                                 "input_shape": [1, 8, 8]}
+    assert len(result["rounds"]) == 2
+    for key in ("accuracy", "loss", "load_cv", "bytes_sent", "bytes_received", "sim_time", "load",
+                "expert_samples", "accepted", "dropped", "late", "invalid"):
+        assert key in result["rounds"][0]
+    assert result["rounds"][1]["sim_time"] >= result["rounds"][0]["sim_time"] > 0
+    assert result["bytes_sent"] == sum(r["bytes_sent"] for r in result["rounds"]) > 0
+    assert _is_png(out / "accuracy.png") and _is_png(out / "load_heatmap.png")
+    assert len(load_checkpoint(out / "checkpoint.pt")["history"]) == 2
+    assert "final accuracy" in capsys.readouterr().out
+
+
+def test_toml_config_with_flags_on_top(tmp_path, tiny):
+    toml = tmp_path / "exp.toml"
+    toml.write_text('rounds = 1\nlr = 0.02\nchannels = [4]\ndeadline = "none"\nstrategy = "greedy"\n')
+    main(["run", "--config", str(toml), "--rounds", "2", "--out", str(tmp_path / "o"), *tiny])
+    config = json.loads((tmp_path / "o" / "result.json").read_text())["config"]
+    assert config["rounds"] == 2 and config["lr"] == 0.02 and config["strategy"] == "greedy"
+    assert config["deadline"] == "none"
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["run", "--rounds", "abc"], "--rounds"),
+        (["run", "--clients-per-round", "30"], "clients_per_round"),
+        (["run", "--dirichlet-alpha", "-1"], "dirichlet_alpha"),
+        (["run", "--data", "/nonexistent.npz"], "--data"),
+        (["compare", "--strategies", "random,nope"], "strategy"),
+        (["compare", "--strategies", "random,random"], "--strategies"),
+        (["compare", "--seeds", "0"], "--seeds"),
+        (["compare", "--seed", "3"], "--seed"),  # compare sets seeds with --seeds
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_flags_exit_with_a_message_naming_the_option(tmp_path, capsys, argv, needle):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path)] if argv[0] in ("run", "compare") else argv)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_unknown_toml_keys_are_named(tmp_path, capsys):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("rounds = 1\nbogus = 3\n")
+    with pytest.raises(SystemExit):
+        main(["run", "--config", str(toml), "--out", str(tmp_path)])
+    assert "['bogus']" in capsys.readouterr().err
+
+
+def test_compare_writes_a_summary_per_strategy_on_shared_partitions(tmp_path, capsys, tiny):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--strategies", "random,greedy", "--seeds", "2", "--rounds", "2", "--out", str(out),
+            "--target-accuracy", "0.0", "--workers", "2", *tiny]
+    main(argv)
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["random", "greedy"]
+    runs = {(s, seed): json.loads((out / "runs" / f"{s}-seed{seed}.json").read_text())
+            for s in summary for seed in (0, 1)}
+    for s, entry in summary.items():
+        assert entry["final_accuracy"] == [runs[s, seed]["final_accuracy"] for seed in (0, 1)]
+        assert entry["rounds_to_target"] == [1, 1]  # a target of 0 is reached in round 1
+        assert entry["seeds"] == [0, 1]
+    for seed in (0, 1):  # same seed: same partition and profiles for every strategy
+        assert runs["random", seed]["clients"] == runs["greedy", seed]["clients"]
+        assert runs["random", seed]["config"]["strategy"] == "random"
+    assert runs["random", 0]["clients"]["samples"] != runs["random", 1]["clients"]["samples"]
+    assert _is_png(out / "accuracy.png") and _is_png(out / "load_heatmap.png")
+    table = capsys.readouterr().out
+    assert "random" in table and "greedy" in table and "rounds to 0" in table
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    main([*argv, "--resume", "--workers", "1"])  # finished runs with the same config are kept
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
+    main(["compare", "--strategies", "random", "--seeds", "1", "--rounds", "2", "--out", str(out / "never"),
+          "--target-accuracy", "1.0", "--workers", "1", *tiny])
+    assert json.loads((out / "never" / "summary.json").read_text())["random"]["rounds_to_target"] == [None]
+
+
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, tiny):
+    args = ["run", "--rounds", "4", "--dropout", "--deadline", "3", "--strategy", "optimal", *tiny]
+    main([*args, "--out", str(tmp_path / "whole")])
+    whole = json.loads((tmp_path / "whole" / "result.json").read_text())
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", SLEEP_IN_ROUND_2, *args, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            ck = out / "checkpoint.pt"
+            if ck.exists() and len(load_checkpoint(ck)["history"]) == 2:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(load_checkpoint(out / "checkpoint.pt")["history"]) == 2
+    assert not (out / "result.json").exists()
+    main([*args, "--out", str(out), "--resume"])
+    assert _strip(json.loads((out / "result.json").read_text())) == _strip(whole)

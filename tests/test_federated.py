@@ -1,0 +1,399 @@
+"""fedmoe.federated: client training, server round steps, fault filtering, simulation, checkpoints and
+resume (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from fedmoe.data import Dataset, load_digits
+from fedmoe.federated import (
+    ClientPayload,
+    ClientReply,
+    FederatedConfig,
+    FederatedRun,
+    TrainConfig,
+    check_update,
+    gate_affinity,
+    load_checkpoint,
+    make_profiles,
+    run_experiment,
+    save_checkpoint,
+    shared_vector,
+    train_client,
+)
+from fedmoe.federated import checkpoint as checkpoint_module
+
+CFG = FederatedConfig(num_clients=6, clients_per_round=4, rounds=3, num_experts=4, d_model=8, d_hidden=16,
+                      channels=(4,), max_experts=2, batch_size=32, dirichlet_alpha=1.0, dropout=False,
+                      deadline=None)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    """A third of digits: enough for the loop, quick to train."""
+    d = load_digits()
+    return dataclasses.replace(d, x_train=d.x_train[:480], y_train=d.y_train[:480], x_test=d.x_test[:120],
+                               y_test=d.y_test[:120])
+
+
+def _model_state(run: FederatedRun) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in run.server.model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"num_clients": 0}, ValueError, "num_clients"),
+        ({"clients_per_round": 30}, ValueError, "clients_per_round"),
+        ({"top_k": 5}, ValueError, "top_k"),
+        ({"strategy": "best"}, ValueError, "strategy"),
+        ({"partition": "zipf"}, ValueError, "partition"),
+        ({"capacity": "huge"}, ValueError, "capacity"),
+        ({"deadline": -1.0}, ValueError, "deadline"),
+        ({"deadline": None, "strategy": "deadline-aware"}, ValueError, "deadline"),
+        ({"lr": 0.0}, ValueError, "lr"),
+        ({"channels": ()}, ValueError, "channels"),
+        ({"rounds": 2.5}, TypeError, "rounds"),
+        ({"cold_start": 1}, TypeError, "cold_start"),
+        ({"load_decay": 0.0}, ValueError, "decay"),
+        ({"fitness_ema": 1.0}, ValueError, "ema"),
+    ],
+)
+def test_config_rejects_bad_options_by_name(changes, error, match):
+    with pytest.raises(error, match=match):
+        CFG.replace(**changes)
+
+
+def test_config_round_trips_through_plain_dicts_and_names_unknown_keys():
+    for config in (CFG, CFG.replace(deadline=3.5, channels=(2, 3))):
+        assert FederatedConfig.from_dict(config.to_dict()) == config
+    assert CFG.to_dict()["deadline"] == "none"
+    with pytest.raises(ValueError, match="num_client'"):
+        FederatedConfig.from_dict({"num_client": 3})
+    with pytest.raises(ValueError, match="deadline"):
+        FederatedConfig.from_dict({"deadline": "soon"})
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+
+def _payload(run: FederatedRun, client: int, experts: list[int], round_: int = 0, seed: int = 7):
+    ids = np.array(experts, dtype=np.int64)
+    return ClientPayload(round_, client, ids, shared_vector(run.server.model),
+                         run.server.model.expert_bank.detach()[torch.from_numpy(ids)].clone(), seed)
+
+
+def test_train_client_is_pure_and_trains_only_the_assigned_experts(digits):
+    run = FederatedRun(CFG, digits)
+    x, y = run.simulation.x[0], run.simulation.y[0]
+    payload = _payload(run, 0, [1, 3])
+    sent = (payload.shared.clone(), payload.expert_rows.clone())
+    config = TrainConfig(epochs=2, batch_size=16)
+    first = train_client(run.workspace, payload, x, y, config)
+    assert torch.equal(payload.shared, sent[0]) and torch.equal(payload.expert_rows, sent[1])  # not aliased
+    with torch.no_grad():  # a dirty workspace: other values everywhere, NaN in the unassigned experts
+        for p in run.workspace.parameters():
+            p.normal_()
+        run.workspace.expert_bank[[0, 2]] = float("nan")
+    second = train_client(run.workspace, payload, x, y, config)
+    assert torch.equal(first.shared, second.shared) and torch.equal(first.expert_rows, second.expert_rows)
+    assert torch.isfinite(second.shared).all()
+    assert first.expert_rows.shape == (2, run.server.model.moe.expert_size)
+    assert not torch.equal(first.shared, payload.shared)
+    assert (first.expert_rows != payload.expert_rows).any(1).all()  # both assigned experts trained
+    np.testing.assert_array_equal(first.experts, [1, 3])
+    assert check_update(first, payload) is None
+    other = train_client(run.workspace, dataclasses.replace(payload, seed=8), x, y, config)
+    assert not torch.equal(other.shared, first.shared)  # the seed drives the shuffling
+
+
+def test_feedback_follows_the_masked_gate(digits):
+    run = FederatedRun(CFG, digits)
+    x, y = run.simulation.x[1], run.simulation.y[1]
+    single = train_client(run.workspace, _payload(run, 1, [2]), x, y, TrainConfig())
+    fb = single.feedback
+    assert fb.samples.tolist() == [len(y)] and fb.share.tolist() == [1.0]  # the only allowed expert
+    with torch.no_grad():  # measured as the client trained: gate masked to its experts
+        run.workspace.moe.set_expert_mask(torch.tensor([False, False, True, False]))
+        logits, _ = run.workspace(x)
+        run.workspace.moe.set_expert_mask(None)
+    assert fb.accuracy[0] == pytest.approx(float((logits.argmax(1) == y).double().mean()))
+    pair = train_client(run.workspace, _payload(run, 1, [0, 3]), x, y, TrainConfig()).feedback
+    # top-2 of 2 allowed experts: every sample is routed to both, each gets half of the choices
+    assert pair.samples.tolist() == [len(y)] * 2 and pair.share.tolist() == [0.5, 0.5]
+    np.testing.assert_allclose(pair.fitness(), pair.share * pair.accuracy)
+
+
+def test_gate_affinity_is_the_mean_router_distribution(digits):
+    run = FederatedRun(CFG, digits)
+    affinity = gate_affinity(run.workspace, shared_vector(run.server.model), run.simulation.x[2])
+    assert affinity.shape == (4,) and affinity.dtype == np.float32
+    assert affinity.sum() == pytest.approx(1.0, abs=1e-5) and (affinity > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+def test_aggregate_leaves_faulty_replies_out_and_reports_them(digits):
+    config = CFG.replace(clients_per_round=0, deadline=5.0)
+    run = FederatedRun(config, digits)
+    server = run.server
+    plan = server.configure(np.arange(6))
+    assert sorted(plan.payloads) == list(range(6))
+    before = _model_state(run)
+    old_fitness = server.fitness.to_dense().copy()
+    good = {c: run.train(plan.payloads[c], run.simulation.x[c], run.simulation.y[c]) for c in range(5)}
+    nan_rows = good[2].expert_rows.clone()
+    nan_rows[0, 5] = float("nan")
+    replies = {
+        0: ClientReply(0, good[0], 1.0),
+        1: ClientReply(1, good[1], 4.9),
+        2: ClientReply(2, dataclasses.replace(good[2], expert_rows=nan_rows), 1.0),
+        3: ClientReply(3, dataclasses.replace(good[3], shared=good[3].shared[:-1]), 1.0),
+        4: ClientReply(4, good[4], 7.5),  # after the deadline
+        5: ClientReply(5, None, float("nan"), "dropped out"),
+    }
+    report = server.aggregate(plan, replies)
+    assert report.accepted == [0, 1]
+    assert set(report.invalid) == {"2", "3"} and "non-finite" in report.invalid["2"]
+    assert "shape" in report.invalid["3"]
+    assert list(report.late) == ["4"] and report.dropped == {"5": "dropped out"}
+    assert report.seconds == 5.0 and server.round == 1
+    assert report.bytes_sent == sum(p.nbytes for p in plan.payloads.values())
+    assert report.bytes_received == sum(replies[c].update.nbytes for c in range(5))
+    s_bytes, e_bytes = run.cost.base_bytes, run.cost.expert_bytes
+    assert report.bytes_sent == sum(s_bytes + p.experts.size * e_bytes for p in plan.payloads.values())
+
+    # shared: FedAvg of the two accepted clients by sample count
+    w = torch.tensor([good[0].num_samples, good[1].num_samples], dtype=torch.float32)
+    expected = (w[0] * good[0].shared + w[1] * good[1].shared) / w.sum()
+    torch.testing.assert_close(shared_vector(server.model), expected, rtol=1e-5, atol=1e-6)
+    # experts: routed-sample-weighted mean of the accepted copies; untouched experts keep their rows
+    bank = server.model.expert_bank.detach()
+    for e in range(4):
+        copies = [(u.expert_rows[i], float(u.feedback.samples[i])) for u in (good[0], good[1])
+                  for i, j in enumerate(u.experts) if j == e]
+        total = sum(wt for _, wt in copies)
+        want = sum(r * wt for r, wt in copies) / total if total > 0 else before["moe.expert_bank"][e]
+        torch.testing.assert_close(bank[e], want, rtol=1e-5, atol=1e-6)
+    assert report.expert_samples == np.bincount(
+        np.concatenate([good[c].experts for c in (0, 1)]),
+        weights=np.concatenate([good[c].feedback.samples for c in (0, 1)]), minlength=4).tolist()
+    np.testing.assert_allclose(server.load.load, report.expert_samples)
+
+    # fitness: EMA for the accepted pairs, decay towards the prior for all others
+    fc = config.fitness_config()
+    fitness = server.fitness.to_dense()
+    decayed = server.fitness.prior[:, None] + fc.decay * (old_fitness - server.fitness.prior[:, None])
+    trained = np.zeros_like(fitness, dtype=bool)
+    for u in (good[0], good[1]):
+        trained[u.client, u.experts] = True
+        want = fc.ema * old_fitness[u.client, u.experts] + (1 - fc.ema) * u.feedback.fitness()
+        np.testing.assert_allclose(fitness[u.client, u.experts], want, rtol=1e-5)
+    np.testing.assert_allclose(fitness[~trained], decayed[~trained], rtol=1e-5, atol=1e-7)
+    # profiles learnt the reply rate: the client that dropped out is now thought less reliable
+    rel = server.profiles.reliability_estimate
+    assert rel[5] < run.simulation.truth.reliability[5] and rel[0] > run.simulation.truth.reliability[0]
+
+    with pytest.raises(ValueError, match="round 0"):
+        server.aggregate(plan, replies)
+
+
+def _tripled_share(feedback):
+    return dataclasses.replace(feedback, share=3 * feedback.share)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda u: dataclasses.replace(u, client=u.client + 1), "names client"),
+        (lambda u: dataclasses.replace(u, experts=u.experts[:1]), "differ from the assigned"),
+        (lambda u: dataclasses.replace(u, expert_rows=u.expert_rows.double()), "float32"),
+        (lambda u: dataclasses.replace(u, shared=u.shared.clone().fill_(float("inf"))), "non-finite"),
+        (lambda u: dataclasses.replace(u, num_samples=0), "num_samples"),
+        (lambda u: dataclasses.replace(u, train_loss=float("nan")), "train_loss"),
+        (lambda u: dataclasses.replace(u, feedback=_tripled_share(u.feedback)), "share"),
+        (lambda u: dataclasses.replace(u, feedback=None), "ExpertFeedback"),
+        (lambda u: "garbage", "not a ClientUpdate"),
+    ],
+)
+def test_check_update_names_what_is_wrong(digits, mutate, reason):
+    run = FederatedRun(CFG, digits)
+    payload = _payload(run, 0, [0, 2])
+    update = train_client(run.workspace, payload, run.simulation.x[0], run.simulation.y[0], TrainConfig())
+    assert reason in check_update(mutate(update), payload)
+
+
+def test_select_takes_a_seeded_subset_of_the_online_clients(digits):
+    server = FederatedRun(CFG, digits).server
+    online = np.array([5, 0, 2, 3, 4])
+    chosen = server.select(online)
+    assert chosen.size == 4 and set(chosen) <= set(online) and np.all(np.diff(chosen) > 0)
+    np.testing.assert_array_equal(server.select(online), chosen)
+    np.testing.assert_array_equal(server.select(np.array([1, 4])), [1, 4])
+    server.round = 1
+    picks = {tuple(server.select(online)) for server.round in range(1, 12)}
+    assert len(picks) > 1
+
+
+# ---------------------------------------------------------------------------------------------- faults, loop
+
+
+def test_the_loop_survives_crashing_corrupt_and_malformed_clients(digits):
+    run = FederatedRun(CFG.replace(clients_per_round=0, rounds=3), digits)
+    honest = run.train
+
+    def faulty(payload, x, y):
+        if payload.client == 1:
+            raise RuntimeError("out of memory")
+        update = honest(payload, x, y)
+        if payload.client == 2:
+            return dataclasses.replace(update, shared=update.shared * float("nan"))
+        if payload.client == 3:
+            return dataclasses.replace(update, expert_rows=update.expert_rows[:, :-3])
+        return update
+
+    run.train = faulty
+    for _ in range(3):
+        before = shared_vector(run.server.model)
+        record = run.step()
+        assert record["dropped"] == {"1": "RuntimeError: out of memory"}
+        assert set(record["invalid"]) == {"2", "3"}
+        assert set(record["accepted"]) == {0, 4, 5}
+        assert np.isfinite(record["loss"]) and record["rejected_rows"] == 0
+        assert not torch.equal(shared_vector(run.server.model), before)  # the honest clients count
+    assert all(torch.isfinite(p).all() for p in run.server.model.parameters())
+
+
+def test_a_missed_deadline_or_corrupt_replies_leave_the_model_unchanged(digits):
+    for changes, kind in (({"deadline": 1e-6}, "late"), ({"corrupt": 1.0}, "invalid")):
+        run = FederatedRun(CFG.replace(**changes), digits)
+        before = _model_state(run)
+        record = run.step()
+        assert record["accepted"] == [] and set(record[kind]) == set(record["assigned"])
+        assert len(record["assigned"]) == 4
+        after = run.server.model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert record["expert_samples"] == [0.0] * 4 and record["train_loss"] is None
+        assert record["bytes_received"] > 0  # the replies arrived, they were just not used
+        if kind == "late":
+            assert record["seconds"] == 1e-6
+
+
+def test_dropouts_follow_each_tiers_reliability(digits):
+    run = FederatedRun(CFG.replace(num_clients=30, clients_per_round=0, dropout=True), digits)
+    sim = run.simulation
+
+    def instant(payload, x, y):
+        return "update"
+
+    payload = _payload(run, 0, [0])
+    dropped = np.array([[sim.run(dataclasses.replace(payload, round=r, client=c), instant).update is None
+                         for c in range(30)] for r in range(400)])
+    rate = dropped.mean(0)
+    expected = 1 - sim.truth.reliability
+    assert np.abs(rate - expected).max() < 0.05
+    assert rate[sim.truth.tier == 2].mean() > rate[sim.truth.tier == 0].mean()  # low tier drops more
+    assert np.isnan(sim.run(payload, instant).seconds) == bool(dropped[0, 0])
+
+
+def test_profiles_are_heterogeneous_and_times_grow_with_the_experts_held(digits):
+    run = FederatedRun(CFG.replace(num_clients=40, min_samples=4), digits)
+    samples = np.array([p.size for p in run.parts], dtype=np.float64)
+    hetero = make_profiles(samples, run.cost, "heterogeneous", seed=0)
+    fit = hetero.experts_fit()
+    assert fit.min() >= 1 and fit[hetero.tier == 0].mean() > fit[hetero.tier == 1].mean() > \
+        fit[hetero.tier == 2].mean()
+    np.testing.assert_array_equal(hetero.samples, samples)
+    uniform = make_profiles(samples, run.cost, "uniform", seed=0)
+    assert set(uniform.experts_fit().tolist()) == {4}
+    sim = run.simulation
+    times = [sim.true_seconds(3, 5, k) for k in (1, 2, 3)]
+    assert times[0] < times[1] < times[2] and sim.true_seconds(3, 5, 2) == times[1]
+    assert sim.true_seconds(4, 5, 2) != times[1]  # per-round jitter
+    with pytest.raises(ValueError, match="capacity"):
+        make_profiles(samples, run.cost, "huge", seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _without_wall_time(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "wall_seconds"}
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(digits, tmp_path, monkeypatch):
+    config = CFG.replace(rounds=4, deadline=2.0, dropout=True, strategy="optimal")
+    whole = run_experiment(config, checkpoint=tmp_path / "whole.pt", dataset=digits)
+    assert len(whole["rounds"]) == 4 and whole["final_accuracy"] == whole["rounds"][-1]["accuracy"]
+    again = run_experiment(config, dataset=digits)
+    assert _without_wall_time(again) == _without_wall_time(whole)  # same seed, same run
+
+    honest = FederatedRun.train
+
+    def killed_in_round_2(self, payload, x, y):
+        if payload.round == 2:
+            raise KeyboardInterrupt  # not a client fault: it stops the run like a kill
+        return honest(self, payload, x, y)
+
+    monkeypatch.setattr(FederatedRun, "train", killed_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, checkpoint=tmp_path / "killed.pt", dataset=digits)
+    monkeypatch.setattr(FederatedRun, "train", honest)
+    assert len(load_checkpoint(tmp_path / "killed.pt")["history"]) == 2
+    resumed = run_experiment(config, checkpoint=tmp_path / "killed.pt", resume=True, dataset=digits)
+    assert _without_wall_time(resumed) == _without_wall_time(whole)
+    a, b = load_checkpoint(tmp_path / "whole.pt"), load_checkpoint(tmp_path / "killed.pt")
+    for key, tensor in a["server"]["model"].items():
+        assert torch.equal(tensor, b["server"]["model"][key])
+
+    longer = run_experiment(config.replace(rounds=5), checkpoint=tmp_path / "killed.pt", resume=True,
+                            dataset=digits)
+    assert longer["rounds"][:4] == whole["rounds"] and len(longer["rounds"]) == 5
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        run_experiment(config.replace(lr=0.3), checkpoint=tmp_path / "killed.pt", resume=True, dataset=digits)
+
+
+def test_checkpoints_are_atomic_and_load_only_plain_data(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    state = {"a": np.arange(3, dtype=np.int32), "b": {"c": [1.5, "x", None], "d": np.float32(2)},
+             "t": torch.ones(2)}
+    save_checkpoint(path, state)
+    loaded = load_checkpoint(path)
+    assert loaded["a"].dtype == torch.int32 and loaded["b"] == {"c": [1.5, "x", None], "d": 2.0}
+    np.testing.assert_array_equal(checkpoint_module.to_numpy(loaded)["a"], state["a"])
+
+    def crash(obj, f):  # dies half-way through writing
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"a": np.zeros(1)})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["a"].tolist() == [0, 1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(tmp_path / "evil.pt")
