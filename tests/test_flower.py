@@ -1,0 +1,460 @@
+"""The Flower backend: configure/aggregate units on an in-process grid, Flower's simulation engine and a
+SuperLink + SuperNodes deployment on loopback, both checked against fedmoe's own loop."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmoe.federated import ClientReply, FederatedConfig, FederatedRun, load_checkpoint
+from fedmoe.flower import EXPERT_ROWS, FedMoEStrategy, client_app, federated_config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "examples" / "flower_app"
+BIN = Path(sys.executable).parent
+CONFIG = FederatedConfig(num_clients=4, clients_per_round=3, rounds=2, num_experts=8, max_experts=4,
+                         deadline=None, dropout=False, seed=1)
+
+
+def run_config(config: FederatedConfig) -> dict:
+    """The Flower run config of ``config`` (as the example's pyproject spells it)."""
+    d = config.to_dict()
+    d["channels"] = ",".join(map(str, d["channels"]))
+    return {k.replace("_", "-"): v for k, v in d.items()}
+
+
+def own_loop(config: FederatedConfig) -> FederatedRun:
+    """fedmoe's own loop after ``config.rounds`` rounds (no simulated faults: Flower nodes are real)."""
+    run = FederatedRun(config.replace(dropout=False, availability=1.0, corrupt=0.0))
+    run.cold_start()
+    for _ in range(config.rounds):
+        run.step()
+    return run
+
+
+# ---------------------------------------------------------------------- an in-process grid
+
+
+@pytest.fixture(autouse=True)
+def server_process():
+    """The identity Flower gives the ServerApp process (instruction messages need it); one torch thread,
+    as every Flower process of these tests gets (on a shared 2-core machine more threads thrash)."""
+    saved = {k: getattr(TaskIdentity, f"_{k}") for k in ("run_id", "node_id", "task_id")}
+    threads = torch.get_num_threads()
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for k, v in saved.items():
+        setattr(TaskIdentity, f"_{k}", v)
+
+
+class LocalGrid(Grid):
+    """Nodes in this process: ``send_and_receive`` runs the ClientApp on each message (an exception
+    becomes an error reply, as in Flower); ``tamper[node](message, reply) -> reply`` alters a node's train
+    replies."""
+
+    def __init__(self, node_configs: dict[int, dict], config: FederatedConfig = CONFIG):
+        self.app = client_app()
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config=nc, state=RecordDict(),
+                                       run_config=run_config(config)) for node, nc in node_configs.items()}
+        self.tamper = {}
+        self.silent: set[int] = set()  # nodes that never reply
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            try:
+                reply = self.app(msg, self.contexts[node])
+            except Exception as exc:
+                reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            if msg.metadata.message_type == "train" and node in self.tamper:
+                reply = self.tamper[node](msg, reply)
+            replies.append(reply)
+        return replies
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+
+def nodes(n: int = 4, first: int = 100) -> dict[int, dict]:
+    """Node id -> node_config for partitions 0..n-1 (node ids deliberately not the partition ids)."""
+    return {first + 7 * c: {"partition-id": c, "num-partitions": n} for c in range(n)}
+
+
+def strategy_for(config: FederatedConfig = CONFIG, **kwargs) -> FedMoEStrategy:
+    run = FederatedRun(config)
+    return FedMoEStrategy(config, copy.deepcopy(run.server.model), cost=run.cost, **kwargs)
+
+
+# ---------------------------------------------------------------------- units
+
+
+def test_federated_config_from_run_config():
+    rc = run_config(CONFIG)
+    assert federated_config({**rc, "out": "/tmp/x"}) == CONFIG
+    assert federated_config({"channels": "8,16,4", "deadline": "none"}).channels == (8, 16, 4)
+    assert federated_config({"num_clients": 12}).num_clients == 12  # underscores too
+    with pytest.raises(ValueError, match="num_experts_typo"):
+        federated_config({"num-experts-typo": 3})
+    with pytest.raises(ValueError, match="channels"):
+        federated_config({"channels": "16,x"})
+    with pytest.raises(TypeError, match="run_config"):
+        federated_config([("rounds", 2)])
+
+
+def test_strategy_rejects_bad_arguments():
+    run = FederatedRun(CONFIG)
+    model = run.server.model
+    with pytest.raises(TypeError, match="config"):
+        FedMoEStrategy(CONFIG.to_dict(), model)
+    with pytest.raises(TypeError, match="model"):
+        FedMoEStrategy(CONFIG, object())
+    with pytest.raises(TypeError, match="cost"):
+        FedMoEStrategy(CONFIG, model, cost=1.0)
+    for bad, error in ((0, ValueError), (5, ValueError), (True, TypeError), ("2", TypeError)):
+        with pytest.raises(error, match="min_nodes"):
+            FedMoEStrategy(CONFIG, model, min_nodes=bad)
+    with pytest.raises(ValueError, match="setup_timeout"):
+        FedMoEStrategy(CONFIG, model, setup_timeout=0)
+    with pytest.raises(RuntimeError, match="configure_train"):
+        FedMoEStrategy(CONFIG, model).aggregate_train(1, [])
+
+
+def test_configure_registers_nodes_and_sends_only_assigned_experts():
+    grid = LocalGrid(nodes())
+    strategy = strategy_for()
+    messages = list(strategy.configure_train(1, strategy.arrays(), ConfigRecord({"note": "hi"}), grid))
+    reference = FederatedRun(CONFIG)
+    # registration: node -> partition, profiles as fedmoe's simulation reports them, cold-started fitness
+    assert strategy.nodes == {node: nc["partition-id"] for node, nc in nodes().items()}
+    for field in ("compute", "memory", "bandwidth", "latency", "reliability", "samples"):
+        np.testing.assert_allclose(getattr(strategy.server.profiles, field),
+                                   getattr(reference.server.profiles, field), rtol=1e-12)
+    reference.cold_start()
+    np.testing.assert_allclose(strategy.server.fitness.to_dense(), reference.server.fitness.to_dense())
+    # the plan is fedmoe's own for the same state; each node gets the shared arrays and its experts only
+    plan = reference.server.configure(np.arange(CONFIG.num_clients))
+    assert {m.metadata.dst_node_id for m in messages} == {n for n, c in strategy.nodes.items()
+                                                          if c in plan.payloads}
+    shared_names = {name for name, _ in strategy.server.model.named_shared_parameters()}
+    bank = strategy.server.model.expert_bank.detach().numpy()
+    for msg in messages:
+        assert msg.metadata.message_type == "train"
+        client = strategy.nodes[msg.metadata.dst_node_id]
+        config, arrays = msg.content.config_records["config"], msg.content.array_records["arrays"]
+        assert config["experts"] == plan.payloads[client].experts.tolist()
+        assert config["note"] == "hi" and config["server-round"] == 1 and config["seed"] == plan.payloads[
+            client].seed
+        assert set(arrays) == shared_names | {EXPERT_ROWS}
+        np.testing.assert_array_equal(arrays[EXPERT_ROWS].numpy(), bank[config["experts"]])
+        assert 1 <= len(config["experts"]) <= CONFIG.max_experts
+
+
+def test_rounds_on_local_grid_equal_own_loop():
+    grid = LocalGrid(nodes())
+    strategy = strategy_for()
+    result = strategy.start(grid)
+    reference = own_loop(CONFIG)
+    assert [r["assigned"] for r in strategy.history] == [r["assigned"] for r in reference.history]
+    assert [r["accepted"] for r in strategy.history] == [r["accepted"] for r in reference.history]
+    final = result.arrays.to_torch_state_dict()
+    for name, value in reference.server.model.state_dict().items():
+        torch.testing.assert_close(final[name], value, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(strategy.server.fitness.to_dense(), reference.server.fitness.to_dense(),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(strategy.server.load.load, reference.server.load.load)
+    assert result.train_metrics_clientapp[2]["accepted"] == len(reference.history[1]["accepted"])
+
+
+def test_aggregate_filters_faults_and_updates_fitness_and_load_from_metrics():
+    config = CONFIG.replace(clients_per_round=0)
+    grid = LocalGrid(nodes(), config)
+    strategy = strategy_for(config)
+    messages = list(strategy.configure_train(1, strategy.arrays(), ConfigRecord(), grid))
+    by_client = {strategy.nodes[m.metadata.dst_node_id]: m.metadata.dst_node_id for m in messages}
+    assert sorted(by_client) == [0, 1, 2, 3]
+
+    def drop_metrics(msg, reply):
+        del reply.content.metric_records["metrics"]
+        return reply
+
+    def poison(msg, reply):
+        rows = reply.content.array_records["arrays"][EXPERT_ROWS].numpy().copy()
+        rows[0, 0] = np.nan
+        reply.content.array_records["arrays"][EXPERT_ROWS] = Array(rows)
+        return reply
+
+    grid.tamper = {by_client[0]: lambda msg, reply: Message(Error(code=1, reason="boom"), reply_to=msg),
+                   by_client[1]: drop_metrics, by_client[2]: poison}
+    reference = copy.deepcopy(strategy.server)  # fedmoe's server, to be fed client 3's update only
+    bank_before = strategy.server.model.expert_bank.detach().clone()
+    replies = grid.send_and_receive(messages)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    report = strategy.history[-1]
+    assert report["accepted"] == [3]
+    assert "boom" in report["dropped"]["0"] and "malformed reply" in report["dropped"]["1"]
+    assert "non-finite" in report["invalid"]["2"]
+    assert metrics["accepted"] == 1 and metrics["dropped"] == 2 and metrics["invalid"] == 1
+    # only client 3's experts moved; fitness and load follow its MetricRecord as fedmoe's server has them
+    good = next(r for r in replies if r.metadata.src_node_id == by_client[3])
+    trained = good.content.config_records["config"]["experts"]
+    moved = (strategy.server.model.expert_bank.detach() != bank_before).any(1).nonzero().flatten().tolist()
+    assert moved == trained
+    plan = reference.configure(np.arange(config.num_clients))
+    run = FederatedRun(config)
+    update = run.train(plan.payloads[3], run.simulation.x[3], run.simulation.y[3])
+    reference.aggregate(plan, {3: ClientReply(3, update, 1.0)})
+    samples = good.content.metric_records["metrics"]["samples"]
+    np.testing.assert_allclose(strategy.server.load.load,
+                               np.bincount(trained, weights=samples, minlength=CONFIG.num_experts))
+    np.testing.assert_allclose(strategy.server.load.load, reference.load.load)
+    np.testing.assert_allclose(strategy.server.fitness.to_dense(), reference.fitness.to_dense(), rtol=1e-6)
+    np.testing.assert_array_equal(arrays["moe.expert_bank"].numpy(),
+                                  strategy.server.model.expert_bank.detach().numpy())
+    # a reply from a node that was not asked is ignored: the asked ones count as not replying
+    asked = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))
+    stranger = Message(RecordDict(), reply_to=Message(RecordDict(), 999, "train"))
+    strategy.aggregate_train(2, [stranger])
+    assert strategy.history[-1]["accepted"] == []
+    assert len(strategy.history[-1]["dropped"]) == len(asked) > 0
+
+
+def test_registration_uses_node_config_profiles_and_rejects_bad_nodes():
+    config = CONFIG.replace(clients_per_round=0)
+    small = FederatedRun(config).cost
+    memory = (small.base_bytes + 1.5 * small.expert_bytes) * 1.2  # one expert fits after the safety margin
+    node_configs = {10: {"partition-id": 0, "memory-bytes": memory, "latency-s": 0.5},
+                    11: {"num-partitions": 4},  # no partition-id
+                    12: {"partition-id": 1}, 13: {"partition-id": 1},  # a duplicate
+                    14: {"partition-id": 2, "num-partitions": 3},  # wrong federation size
+                    15: {"partition-id": 3}, 16: {"partition-id": 2},  # silent
+                    17: {"partition-id": 2, "reliability": 1.5}}
+    grid = LocalGrid(node_configs, config)
+    grid.silent = {16}
+    strategy = strategy_for(config, min_nodes=3)
+    messages = list(strategy.configure_train(1, strategy.arrays(), ConfigRecord(), grid))
+    assert strategy.nodes == {10: 0, 12: 1, 15: 3}
+    assert "partition-id" in strategy.rejected[11] and "already taken" in strategy.rejected[13]
+    assert "num-partitions" in strategy.rejected[14] and "no reply" in strategy.rejected[16]
+    assert "reliability" in strategy.rejected[17]
+    assert strategy.server.profiles.memory[0] == memory and strategy.server.profiles.latency[0] == 0.5
+    assert strategy.server.profiles.memory[2] == 0  # never registered: fits no expert
+    experts = {strategy.nodes[m.metadata.dst_node_id]: m.content.config_records["config"]["experts"]
+               for m in messages}
+    assert sorted(experts) == [0, 1, 3] and len(experts[0]) == 1
+    with pytest.raises(TimeoutError, match="only 3 of min_nodes=4"):
+        strategy_for(config, setup_timeout=0.2).configure_train(1, strategy.arrays(), ConfigRecord(), grid)
+
+
+# ---------------------------------------------------------------------- real Flower processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every process that is not a zombie."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                state, ppid, pgid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+                if state != "Z":
+                    table[int(entry.name)] = (int(ppid), int(pgid))
+    return table
+
+
+class Processes:
+    """Processes started by a test, each in its own process group; :meth:`stop` ends them and everything
+    they started (descendants, and members of their process groups, which Ray and Flower detach)."""
+
+    def __init__(self, env: dict, tmp: Path, port: int):
+        self.env, self.tmp, self.port, self.logs = env, tmp, port, tmp / "logs"
+        self.started: list[subprocess.Popen] = []
+        self.family: set[int] = set()
+        self.groups: set[int] = set()  # process groups seen among the family
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.started.append(proc)
+        return proc
+
+    def _collect(self) -> set[int]:
+        """The started processes, their descendants and their process groups' members, seen so far."""
+        table = _process_table()
+        family = self.family | {p.pid for p in self.started}
+        while True:
+            self.groups |= {table[p][1] for p in family if p in table}
+            grown = family | {p for p, (ppid, pgid) in table.items() if ppid in family or pgid in self.groups}
+            if grown == family:
+                break
+            family = grown
+        self.family = family
+        return {p for p in family if p in table}
+
+    def watch(self) -> None:
+        self._collect()
+
+    def stop(self, timeout: float = 15.0) -> set[int]:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the pids still alive (should be none)."""
+        alive = self._collect()
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            end = time.monotonic() + wait
+            while alive and time.monotonic() < end:
+                for proc in self.started:
+                    proc.poll()
+                time.sleep(0.2)
+                alive = self._collect()
+            if not alive:
+                break
+        for proc in self.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+        return alive
+
+
+@pytest.fixture
+def flower(tmp_path):
+    """A SuperLink connection ``fedmoe-test`` on a free loopback port (FLWR_HOME in tmp_path) and the
+    processes of the test, all stopped at teardown, also when the test fails."""
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    (tmp_path / "logs").mkdir()
+    port = _free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "fedmoe-test"\n\n[superlink.fedmoe-test]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    procs = Processes(env, tmp_path, port)
+    try:
+        yield procs
+    finally:
+        alive = procs.stop()
+        assert not alive, f"processes still alive after teardown: {sorted(alive)}"
+
+
+def _wait_healthy(procs: Processes, superlink: subprocess.Popen, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if superlink.poll() is not None:
+            raise AssertionError(f"flower-superlink exited: {(procs.logs / 'superlink.log').read_text()}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{procs.port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.3)
+    raise AssertionError(f"SuperLink not healthy within {timeout} s")
+
+
+def _flwr_run(procs: Processes, config: FederatedConfig, out: Path, timeout: float, *extra: str) -> dict:
+    """``flwr run`` the example app with ``config`` and return its result.json."""
+    declared = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    options = {k: v for k, v in run_config(config).items() if k in declared}  # the rest: simulation knobs
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in {**options, "out": str(out)}.items())
+    run = procs.start("flwr-run", "flwr", "run", str(APP), "--run-config", overrides, "--stream", *extra)
+    end = time.monotonic() + timeout
+    while run.poll() is None and time.monotonic() < end:
+        procs.watch()  # remember the ServerApp/ClientApp processes while their parents live
+        time.sleep(0.5)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(procs.logs.iterdir()))
+    assert run.poll() is not None, f"flwr run did not finish within {timeout} s\n{logs}"
+    assert (out / "result.json").exists(), f"the ServerApp wrote no result\n{logs}"
+    return json.loads((out / "result.json").read_text())
+
+
+def _assert_equals_own_loop(config: FederatedConfig, result: dict, out: Path) -> None:
+    reference = own_loop(config)
+    assert [r["assigned"] for r in result["rounds"]] == [r["assigned"] for r in reference.history]
+    assert [r["accepted"] for r in result["rounds"]] == [r["accepted"] for r in reference.history]
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["round"] == config.rounds
+    bank = state["model"]["moe.expert_bank"]
+    want = reference.server.model.expert_bank.detach()
+    for e in range(config.num_experts):  # per expert
+        torch.testing.assert_close(bank[e], want[e], rtol=1e-5, atol=1e-6, msg=f"expert {e}")
+    for name, value in reference.server.model.state_dict().items():
+        torch.testing.assert_close(state["model"][name], value, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["load"]["load"], reference.server.load.load)
+    np.testing.assert_allclose([r["accuracy"] for r in result["rounds"]],
+                               [r["accuracy"] for r in reference.history], atol=2 / 360)
+
+
+def test_simulation_engine_equals_own_loop(flower):
+    """``flwr run`` of the example app in Flower's simulation engine (4 SuperNodes, 2 rounds)."""
+    superlink = flower.start("superlink", "flower-superlink", "--insecure", "--simulation", "--host",
+                             "127.0.0.1", "--port", str(flower.port))
+    _wait_healthy(flower, superlink)
+    config = CONFIG.replace(clients_per_round=0)
+    out = flower.tmp / "out"
+    result = _flwr_run(flower, config, out, 150, "--federation-config",
+                       "num-supernodes=4 client-resources-num-cpus=1 init-args-num-cpus=2")
+    assert sorted(result["nodes"].values()) == [0, 1, 2, 3]
+    _assert_equals_own_loop(config, result, out)
+
+
+def test_deployment_superlink_and_two_supernodes(flower):
+    """``flwr run`` against a SuperLink with 2 SuperNodes on loopback, 2 rounds; every process stops."""
+    superlink = flower.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
+                             "--port", str(flower.port))
+    for c in range(2):  # they retry until the SuperLink is up
+        flower.start(f"supernode{c}", "flower-supernode", "--insecure", "--superlink",
+                     f"127.0.0.1:{flower.port}", "--port", str(_free_port()), "--max-wait-time", "60",
+                     "--node-config", f"partition-id={c} num-partitions=2")
+    _wait_healthy(flower, superlink)
+    config = CONFIG.replace(num_clients=2, clients_per_round=0)
+    out = flower.tmp / "out"
+    result = _flwr_run(flower, config, out, 100)  # 70-90 s on a busy 2-core machine: a process per message
+    assert len(result["rounds"]) == 2 and sorted(result["nodes"].values()) == [0, 1]
+    assert all(r["accepted"] == [0, 1] for r in result["rounds"])
+    assert result["rounds"][-1]["accuracy"] > 0.3  # chance is 0.1
+    _assert_equals_own_loop(config, result, out)
