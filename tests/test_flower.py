@@ -374,7 +374,9 @@ def flower(tmp_path):
     port = _free_port()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "fedmoe-test"\n\n[superlink.fedmoe-test]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # Flower's processes start each other by name (flower-superexec, flwr-clientapp): the venv's bin first
+    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
     procs = Processes(env, tmp_path, port)
     try:
         yield procs
