@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model, machine_info
 
 from fedmoe_kernels import Accumulator, aggregate
 from fedmoe_kernels.reference import aggregate_reference
@@ -260,29 +259,11 @@ def gpu_section(quick: bool) -> dict:
 # ---------------------------------------------------------------- main
 
 
-def machine(device: str) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+def device_info(device: str) -> dict:
     import triton
 
-    return {
-        "device": device,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": list(os.getloadavg()),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "git_commit": commit or None,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return "cpu: " + line.split(":", 1)[1].strip()
-    return "cpu: " + platform.processor()
+    return machine_info(device=device, torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                        triton=triton.__version__)
 
 
 def main() -> None:
@@ -303,7 +284,7 @@ def main() -> None:
         return
     suffix = "_quick" if args.quick else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(cpu_name())}
+    report = {"machine": device_info(f"cpu: {cpu_model()}")}
     report["cpu"] = cpu_section(args.quick, torch.get_num_threads(), args.rounds)
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     threads = f"_threads{args.threads}" if args.threads else ""
@@ -311,7 +292,7 @@ def main() -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
     if torch.cuda.is_available():
-        report = {"machine": machine(torch.cuda.get_device_name())}
+        report = {"machine": device_info(torch.cuda.get_device_name())}
         report["gpu"] = gpu_section(args.quick)
         report["machine"]["load_average_at_end"] = list(os.getloadavg())
         path = args.out_dir / f"aggregate_gpu{suffix}.json"

@@ -15,17 +15,16 @@ Usage (with fedmoe_kernels importable, e.g. ``pip install -e .``)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_info
 
 from fedmoe_kernels import assign
 
@@ -200,30 +199,10 @@ def bench_scale(n: int, e: int) -> list[dict]:
 # ---------------------------------------------------------------- report
 
 
-def machine_info() -> dict:
+def versions() -> dict:
     import scipy
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu,
-        "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "git_commit": commit.stdout.strip() or None,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {"numpy": np.__version__, "scipy": scipy.__version__}
 
 
 def judge(results: dict, quick: bool) -> list[dict]:
@@ -312,7 +291,7 @@ def main() -> None:
         return
 
     sizes = QUICK if args.quick else FULL
-    results = {"machine": machine_info(), "quick": args.quick, "threads": os.cpu_count()}
+    results = {"machine": machine_info(**versions()), "quick": args.quick, "threads": os.cpu_count()}
     results["unit"] = bench_unit(sizes["unit"], args.repeats)
     results["bmatching"] = bench_bmatching(*sizes["bmatching"], args.repeats)
     results["scale"] = bench_scale(*sizes["scale"])

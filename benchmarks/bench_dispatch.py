@@ -20,15 +20,13 @@ Writes ``dispatch_cpu[_quick].json`` and, on a GPU, ``dispatch_gpu[_quick].json`
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
+from machine import cpu_model, machine_info
 from torch.utils.benchmark import Timer
 
 from fedmoe.models import MoELayer
@@ -253,30 +251,12 @@ def run_gpu(configs, device, min_run_time=0.5) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def machine_info(device: torch.device) -> dict:
+def device_info(device: torch.device) -> dict:
     import triton
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu}",
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "git_commit": commit.stdout.strip() or None,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu_model()}"
+    return machine_info(device=name, torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                        triton=triton.__version__)
 
 
 def write(results: dict, path: Path) -> None:
@@ -297,7 +277,7 @@ def main() -> None:
 
     cpu = torch.device("cpu")
     results = {
-        "machine": machine_info(cpu),
+        "machine": device_info(cpu),
         "baseline": "stable argsort + index_select / index_add_ (autograd)",
         "ops": [],
         "layers": [],
@@ -323,7 +303,7 @@ def main() -> None:
         gpu = torch.device("cuda")
         print("gpu:")
         results = {
-            "machine": machine_info(gpu),
+            "machine": device_info(gpu),
             "baseline": "stable argsort + index_select / index_add_",
             **run_gpu(GPU_OPS[size], gpu),
         }
