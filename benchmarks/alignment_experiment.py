@@ -10,7 +10,8 @@ participation rate (rounds with >= 1 expert / rounds available) over the lowest 
 
     python benchmarks/alignment_experiment.py --quick      # < 1 min: 2,000 x 256, 20 rounds
     python benchmarks/alignment_experiment.py              # 10,000 x 1,024 (contested, uniform) and
-                                                           # 100,000 x 4,096 (contested), 50 rounds
+                                                           # 100,000 x 4,096 (contested), 50 rounds,
+                                                           # at most ~600 s per strategy and scenario
 
 Writes ``benchmarks/results/alignment_experiment[_quick].json`` and one set of PNGs per scenario.
 """
@@ -95,8 +96,10 @@ class Environment:
         self.fitness_state = fitness.state_dict()
 
 
-def run_strategy(name: str, env: Environment, rounds: int) -> dict:
+def run_strategy(name: str, env: Environment, rounds: int, budget_s: float | None = None) -> dict:
+    """Run ``rounds`` rounds, or stop after the round in which the run's wall time passes ``budget_s``."""
     pop = env.pop
+    start = time.perf_counter()
     fitness = fitness_table(pop.num_clients, pop.num_experts, form=env.fitness_form)
     fitness.load_state_dict(env.fitness_state)
     load, profiles = ExpertLoad(pop.num_experts), pop.profiles()
@@ -138,13 +141,16 @@ def run_strategy(name: str, env: Environment, rounds: int) -> dict:
                            ("assigned_clients", int(clients.size)),
                            ("misses", int(np.count_nonzero(~on_time))), *stats.as_dict().items()):
             rec[key].append(value)
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            break
 
     seen = was_available > 0
     rate = participated[seen] / was_available[seen]
     tiers = pop.tier[seen]
-    half = rounds // 2
     steps = np.array(rec["step_s"])
+    half = steps.size // 2
     summary = {
+        "rounds_run": int(steps.size),
         "step_s_median": float(np.median(steps)), "step_s_p95": float(np.percentile(steps, 95)),
         "step_s_max": float(steps.max()), "step_s_first": float(steps[0]),
         "assign_s_median": float(np.median(rec["assign_s"])),
@@ -207,6 +213,8 @@ def main() -> None:
     parser.add_argument("--scenarios", help="comma-separated kind:NxE, e.g. contested:10000x1024")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--budget", type=float, help="stop a strategy after the round that passes this many "
+                        "seconds (default: none with --quick, 600 otherwise)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fitness", choices=("auto", "dense", "lean"), default="auto", help="fitness form")
     parser.add_argument("--out", help="JSON file name under benchmarks/results/")
@@ -214,6 +222,7 @@ def main() -> None:
     default = ("contested:2000x256" if args.quick
                else "contested:10000x1024,uniform:10000x1024,contested:100000x4096")
     rounds = args.rounds or (20 if args.quick else 50)
+    budget = args.budget if args.budget is not None else (None if args.quick else 600.0)
     names = args.strategies.split(",")
     unknown = set(names) - set(STRATEGIES)
     if unknown:
@@ -222,8 +231,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "numpy": np.__version__, "torch": torch.__version__, "solver_built": built},
-              "rounds": rounds, "deadline_s": DEADLINE, "max_experts": MAX_EXPERTS, "seed": args.seed,
-              "scenarios": {}}
+              "rounds": rounds, "budget_s_per_strategy": budget, "deadline_s": DEADLINE,
+              "max_experts": MAX_EXPERTS, "seed": args.seed, "scenarios": {}}
     for scenario in (args.scenarios or default).split(","):
         kind, size = scenario.split(":")
         n, e = (int(v) for v in size.split("x"))
@@ -237,12 +246,13 @@ def main() -> None:
                 skipped[name] = "fedmoe_kernels._assign is not built"
                 continue
             t = time.perf_counter()
-            results[name] = run_strategy(name, env, rounds)
+            results[name] = run_strategy(name, env, rounds, budget)
             s = results[name]["summary"]
             print(f"  {name:15s} step median {s['step_s_median']:.3f} s (max {s['step_s_max']:.3f})  "
                   f"CV {s['load_cv_final']:.3f}  max/mean {s['max_over_mean_final']:.2f}  "
                   f"regret {s['regret_mean']:.3f}  Jain(low) {s['jain_participation_low_tier']:.3f}  "
-                  f"miss {s['deadline_miss_rate']:.3f}  [{time.perf_counter() - t:.0f} s]", flush=True)
+                  f"miss {s['deadline_miss_rate']:.3f}  rounds {s['rounds_run']}  "
+                  f"[{time.perf_counter() - t:.0f} s]", flush=True)
         prefix = f"alignment_{kind}_{n}x{e}"
         files = plot(scenario, results, prefix) if results else []
         report["scenarios"][scenario] = {"num_clients": n, "num_experts": e, "kind": kind,

@@ -155,6 +155,11 @@ def test_fitness_state_round_trip(form):
         other.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="shape"):
         fitness_table(21, 6, form=form).load_state_dict(a.state_dict())
+    broken = a.state_dict() | {"round": 9, ("keys" if form == "lean" else "values"): np.zeros((2, 2))}
+    before = b.to_dense()
+    with pytest.raises(ValueError, match=r"state\["):
+        b.load_state_dict(broken)
+    assert b.round == 2 and np.array_equal(b.to_dense(), before)  # nothing half-loaded
 
 
 def test_fitness_rejects_bad_input():

@@ -124,9 +124,11 @@ class FitnessTable(ABC):
         shape = tuple(int(s) for s in np.asarray(state.get("shape", ())))
         if shape != (self.num_clients, self.num_experts):
             raise ValueError(f"state shape {shape} does not match {(self.num_clients, self.num_experts)}")
-        self.round = _checks.integer("state['round']", int(state.get("round", -1)), 0)
-        self.prior = _checks.state_array(state, "prior", (self.num_clients,), np.float32)
-        self._load_arrays(state)
+        round_ = _checks.integer("state['round']", int(state.get("round", -1)), 0)
+        prior = _checks.state_array(state, "prior", (self.num_clients,), np.float32)
+        arrays = self._parse_arrays(state)  # everything checked before anything is replaced
+        self.round, self.prior = round_, prior
+        self.__dict__.update(arrays)
 
     # ------------------------------------------------------------------ per form
 
@@ -146,7 +148,7 @@ class FitnessTable(ABC):
     def _arrays(self) -> dict: ...
 
     @abstractmethod
-    def _load_arrays(self, state: dict) -> None: ...
+    def _parse_arrays(self, state: dict) -> dict: ...
 
 
 class DenseFitness(FitnessTable):
@@ -180,8 +182,9 @@ class DenseFitness(FitnessTable):
     def _arrays(self):
         return {"values": self.values.copy()}
 
-    def _load_arrays(self, state):
-        self.values = _checks.state_array(state, "values", (self.num_clients, self.num_experts), np.float32)
+    def _parse_arrays(self, state):
+        shape = (self.num_clients, self.num_experts)
+        return {"values": _checks.state_array(state, "values", shape, np.float32)}
 
 
 class LeanFitness(FitnessTable):
@@ -274,14 +277,14 @@ class LeanFitness(FitnessTable):
     def _arrays(self):
         return {"keys": self.keys.copy(), "dev": self.dev.copy(), "stamp": self.stamp.copy()}
 
-    def _load_arrays(self, state):
+    def _parse_arrays(self, state):
         keys = _checks.state_array(state, "keys", None, np.int64)
         dev = _checks.state_array(state, "dev", keys.shape, np.float32)
         stamp = _checks.state_array(state, "stamp", keys.shape, np.int32)
         if keys.ndim != 1 or (keys.size and (np.any(np.diff(keys) <= 0) or keys[0] < 0
                                              or keys[-1] >= self.num_clients * self.num_experts)):
             raise ValueError("state['keys'] must be 1-D, strictly increasing and in range")
-        self.keys, self.dev, self.stamp = keys, dev, stamp
+        return {"keys": keys, "dev": dev, "stamp": stamp}
 
 
 def fitness_table(num_clients: int, num_experts: int, config: FitnessConfig | None = None, *,

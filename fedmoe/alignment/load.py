@@ -97,7 +97,8 @@ class ExpertLoad:
 
     def load_state_dict(self, state: dict) -> None:
         e = (self.num_experts,)
-        self.round = _checks.integer("state['round']", int(state.get("round", -1)), 0)
-        self.load = _checks.state_array(state, "load", e, np.float64)
-        self.clients = _checks.state_array(state, "clients", e, np.float64)
-        self.last_trained = _checks.state_array(state, "last_trained", e, np.int64)
+        round_ = _checks.integer("state['round']", int(state.get("round", -1)), 0)
+        load = _checks.state_array(state, "load", e, np.float64)
+        clients = _checks.state_array(state, "clients", e, np.float64)
+        last_trained = _checks.state_array(state, "last_trained", e, np.int64)
+        self.round, self.load, self.clients, self.last_trained = round_, load, clients, last_trained

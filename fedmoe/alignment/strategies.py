@@ -317,7 +317,11 @@ class OptimalStrategy(Strategy):
         unknown = set(state) - {"prices"}
         if unknown:
             raise ValueError(f"unexpected state keys {sorted(unknown)}")
-        self._prices = _checks.state_array(state, "prices", None, np.float64) if "prices" in state else None
+        prices = None
+        if "prices" in state:
+            prices = _checks.state_array(state, "prices", None, np.float64)
+            _checks.floats("state['prices']", prices, (prices.size,))
+        self._prices = prices
 
 
 @_register
@@ -393,12 +397,12 @@ class FairStrategy(OptimalStrategy):
         if was.ndim != 2 or was.shape[0] != self.config.window:
             raise ValueError(f"state['was_available'] must have shape ({self.config.window}, N), "
                              f"got {was.shape}")
-        self._participated = _checks.state_array(state, "participated", was.shape, bool)
-        self._was_available = was
-        self._last_round = int(state.pop("last_round", -1))
+        participated = _checks.state_array(state, "participated", was.shape, bool)
+        last_round = _checks.integer("state['last_round']", state.pop("last_round", -1), -1)
         for key in ("was_available", "participated"):
             state.pop(key)
-        super().load_state_dict(state)
+        super().load_state_dict(state)  # checks the rest before anything here is replaced
+        self._was_available, self._participated, self._last_round = was, participated, last_round
 
 
 def make_strategy(config: StrategyConfig | dict | str) -> Strategy:
