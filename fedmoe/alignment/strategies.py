@@ -11,7 +11,9 @@ the scores behind them). Strategies by name:
   sequential; the default ``E / (2·max_experts)`` hands out at most half a client per expert on average
   per batch, and makes N = 100,000 a few hundred vectorised steps instead of 100,000 Python ones).
 * ``optimal``: the exact capacity-constrained assignment (``fedmoe_kernels.assign``) on desirability, with
-  expert capacities ``ceil(slack·Σ client capacities / E)``.
+  expert capacities ``ceil(slack·Σ client capacities / E)``. Capacities count clients while the load counts
+  contributions (samples); the default slack 1.1 leaves the load term room to steer contributions
+  towards lighter experts (at slack 1 every expert is full and that term cannot move anyone).
 * ``deadline-aware``: ``optimal``, with no client given more experts than its profile says it can train
   and transfer before the round deadline (after the safety margin).
 * ``fair``: ``deadline-aware`` (``optimal`` without a deadline) plus a participation guarantee: a client
@@ -55,7 +57,7 @@ class StrategyConfig:
     name: str = "load-balanced"
     max_experts: int = 4
     desirability: DesirabilityConfig = field(default_factory=DesirabilityConfig)
-    expert_slack: float = 1.0
+    expert_slack: float = 1.1
     batch_size: int = 0
     min_share: float = 0.5
     window: int = 10
