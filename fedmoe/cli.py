@@ -3,6 +3,7 @@
     fedmoe run      one experiment from flags and/or a TOML config (flags win)
     fedmoe compare  several strategies x seeds on the same partitions (seed s: same data split,
                     partition, client profiles and initial model for every strategy)
+    fedmoe sweep    a grid of option values x seeds (sensitivity): one table and heatmaps
 
 Every option of :class:`fedmoe.federated.FederatedConfig` is a flag (``num_clients`` -> ``--num-clients``;
 ``--deadline none`` for no deadline; ``--channels 16,32``). ``run`` writes ``OUT/result.json`` (config and
@@ -10,7 +11,9 @@ per-round records), ``OUT/accuracy.png``, ``OUT/load_heatmap.png`` and ``OUT/che
 round; ``--resume`` continues from it). ``compare`` writes one result and checkpoint per run under
 ``OUT/runs/``, ``OUT/summary.json`` (per strategy: ``final_accuracy`` and ``rounds_to_target`` lists, one
 entry per seed, null where the target was never reached, and more), ``OUT/config.json`` and the plots,
-and prints a table.
+and prints a table. ``sweep`` (``--grid fitness_ema=0.7,0.9 --grid fit_weight/load_weight=0.3/0.7,0.7/0.3``)
+writes its runs under ``OUT/runs/``, ``OUT/sweep.json`` (per grid point and metric: one value per seed,
+mean, std, min, max), ``OUT/table.txt`` (also printed) and ``OUT/heatmap_<metric>.png``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 from fedmoe.data import load_dataset
 from fedmoe.federated import FederatedConfig
 from fedmoe.federated.compare import compare_strategies, format_table, run_to_file, summarize, write_json
-from fedmoe.plots import plot_accuracy, plot_load_heatmap
+from fedmoe.federated.sweep import METRICS, format_sweep, parse_axis, run_sweep
+from fedmoe.plots import plot_accuracy, plot_load_heatmap, plot_sweep
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -70,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                          allow_abbrev=False)
     compare = sub.add_parser("compare", help="strategies x seeds", allow_abbrev=False,
                              description="Compare alignment strategies over several seeds.")
-    for p, out in ((run, "fedmoe_out/run"), (compare, "fedmoe_out/compare")):
+    sweep = sub.add_parser("sweep", help="a grid of options x seeds", allow_abbrev=False,
+                           description="Sensitivity sweep: run a grid of option values over several seeds.")
+    for p, out in ((run, "fedmoe_out/run"), (compare, "fedmoe_out/compare"), (sweep, "fedmoe_out/sweep")):
         p.add_argument("--config", type=Path, help="TOML file of experiment options")
         p.add_argument("--out", type=Path, default=Path(out), help=f"output directory (default {out})")
         p.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) in --out")
@@ -78,11 +84,16 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     compare.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                          help=f"comma-separated strategy names (default {DEFAULT_STRATEGIES})")
-    compare.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    compare.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                         help="runs in parallel processes (default min(2, CPUs))")
+    sweep.add_argument("--grid", action="append", required=True, metavar="NAME=V1,V2,...",
+                       help="an axis: one option (fitness_ema=0.7,0.9) or several set together "
+                            "(fit_weight/load_weight=0.3/0.7,0.7/0.3); repeat for more axes")
+    for p in (compare, sweep):
+        p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+        p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                       help="runs in parallel processes (default min(2, CPUs))")
     _add_config_options(run, set())
     _add_config_options(compare, _PER_RUN)
+    _add_config_options(sweep, {"seed"})
     return parser
 
 
@@ -123,13 +134,17 @@ def _cmd_run(args, parser) -> None:
           f"{result['bytes_sent'] / 1e6:.1f} MB sent, {result['wall_seconds']:.1f} s -> {out}")
 
 
-def _cmd_compare(args, parser) -> None:
-    base = _config(args, parser)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+def _check_parallel(args, parser) -> None:
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.workers < 1 or args.threads < 1:
         parser.error("--workers and --threads must be >= 1")
+
+
+def _cmd_compare(args, parser) -> None:
+    base = _config(args, parser)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    _check_parallel(args, parser)
     if not strategies or len(set(strategies)) != len(strategies):
         parser.error(f"--strategies must name distinct strategies, got {args.strategies!r}")
     for s in strategies:
@@ -152,10 +167,29 @@ def _cmd_compare(args, parser) -> None:
     print(f"-> {out}/summary.json, accuracy.png, load_heatmap.png")
 
 
+def _cmd_sweep(args, parser) -> None:
+    base = _config(args, parser)
+    _check_parallel(args, parser)
+    try:
+        axes = [parse_axis(text) for text in args.grid]
+        summary = run_sweep(base, axes, range(args.seeds), args.out, workers=args.workers,
+                            threads=args.threads, resume=args.resume, progress=not args.quiet)
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--grid: {exc}")
+    out = args.out
+    write_json(out / "sweep.json", summary)
+    table = format_sweep(summary)
+    (out / "table.txt").write_text(table + "\n")
+    for metric, (label, _) in METRICS.items():
+        plot_sweep(summary, metric, out / f"heatmap_{metric}.png", label=label)
+    print(table)
+    print(f"-> {out}/sweep.json, table.txt, heatmap_<metric>.png")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    {"run": _cmd_run, "compare": _cmd_compare}[args.command](args, parser)
+    {"run": _cmd_run, "compare": _cmd_compare, "sweep": _cmd_sweep}[args.command](args, parser)
 
 
 if __name__ == "__main__":

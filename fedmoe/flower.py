@@ -161,7 +161,7 @@ class FedMoEStrategy(Strategy):
         self.setup_timeout = _checks.real("setup_timeout", setup_timeout, 0.0, lo_open=True)
         # clients that have not registered fit no expert (memory 0) until they report their profile
         unknown = CapacityProfile(np.ones(n), np.zeros(n), np.ones(n), np.zeros(n), np.zeros(n), np.zeros(n),
-                                  model=cost)
+                                  model=cost, config=config.profile_config())
         self.server = Server(model, unknown, config)
         self.config = config
         self.nodes: dict[int, int] = {}
@@ -434,7 +434,7 @@ def _train(msg: Message, context: Context) -> Message:
     shared, rows = _unpack(run.workspace, msg.content.array_records["arrays"])
     experts = np.asarray(config["experts"], dtype=np.int64)
     payload = ClientPayload(int(config["round"]), client, experts, shared, rows, int(config["seed"]))
-    update = run.train(payload, run.simulation.x[client], run.simulation.y[client])
+    update = run.train(payload, *run.simulation.data(client, payload.round))
     fb = update.feedback
     metrics = {"num-examples": update.num_samples, "train-loss": float(update.train_loss),
                **{k: getattr(fb, k).tolist() for k in _FEEDBACK}}

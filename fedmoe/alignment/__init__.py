@@ -2,7 +2,8 @@
 strategies that turn them into each round's assignment.
 
 Per round the federated loop calls ``strategy.assign(RoundState(...))``, then, with what came back,
-``fitness.update(...)``, ``load.update(...)`` and ``profiles.observe(...)``. Every stateful part has
+``fitness.update(...)``, ``load.update(...)`` and ``profiles.observe(...)``; a :class:`DriftDetector` step
+before the fitness update lets clients whose data changed forget their stale fitness. Every stateful part has
 ``state_dict()`` / ``load_state_dict()`` with plain numpy arrays and scalars, for checkpoints.
 """
 
@@ -15,6 +16,7 @@ from fedmoe.alignment.capacity import (
     generate_profiles,
 )
 from fedmoe.alignment.desirability import Desirability, DesirabilityConfig, minmax
+from fedmoe.alignment.drift import DriftConfig, DriftDetector
 from fedmoe.alignment.fitness import DenseFitness, FitnessConfig, FitnessTable, LeanFitness, fitness_table
 from fedmoe.alignment.load import ExpertLoad, LoadConfig, LoadStats, gini
 from fedmoe.alignment.strategies import (
@@ -34,6 +36,8 @@ __all__ = [
     "DenseFitness",
     "Desirability",
     "DesirabilityConfig",
+    "DriftConfig",
+    "DriftDetector",
     "ExpertLoad",
     "FitnessConfig",
     "FitnessTable",

@@ -44,15 +44,16 @@ class ModelCost:
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    """safety_margin >= 0: plans use time·(1 + margin) and memory/(1 + margin); ema in [0, 1): weight on
-    history when estimating the time scale and reliability from observations."""
+    """safety_margin >= 0: plans use time·(1 + margin) and memory/(1 + margin); ema in [0, 1]: weight on
+    history when estimating the time scale and reliability from observations (1: never learn, plan with
+    the self-reported profiles only)."""
 
     safety_margin: float = 0.2
     ema: float = 0.7
 
     def __post_init__(self):
         _checks.real("safety_margin", self.safety_margin, 0.0)
-        _checks.real("ema", self.ema, 0.0, 1.0, hi_open=True)
+        _checks.real("ema", self.ema, 0.0, 1.0)
 
 
 _REPORTED = ("compute", "memory", "bandwidth", "latency", "reliability", "samples")

@@ -95,6 +95,14 @@ class FitnessTable(ABC):
         self.prior[clients] = affinity.mean(axis=1)
         self._cold_start(clients, affinity)
 
+    def shrink_rows(self, clients, factor: float) -> None:
+        """Pull the rows of ``clients`` (int [n], distinct) towards their priors:
+        ``F <- prior + factor·(F - prior)`` with ``factor`` in [0, 1] (0 resets them); no round passes."""
+        clients = _checks.indices("clients", clients, self.num_clients)
+        if np.unique(clients).size != clients.size:
+            raise ValueError("clients must be distinct")
+        self._shrink(clients, np.float32(_checks.real("factor", factor, 0.0, 1.0)))
+
     def fill(self, clients: np.ndarray, out: np.ndarray) -> None:
         """Write the current rows of ``clients`` (int64 [n], in range) into ``out`` (float32 [n, E])."""
         self._fill(clients, out)
@@ -139,6 +147,9 @@ class FitnessTable(ABC):
     def _cold_start(self, clients: np.ndarray, affinity: np.ndarray) -> None: ...
 
     @abstractmethod
+    def _shrink(self, clients: np.ndarray, factor: np.float32) -> None: ...
+
+    @abstractmethod
     def _fill(self, clients: np.ndarray, out: np.ndarray) -> None: ...
 
     @abstractmethod
@@ -172,6 +183,10 @@ class DenseFitness(FitnessTable):
 
     def _cold_start(self, clients, affinity):
         self.values[clients] = affinity
+
+    def _shrink(self, clients, factor):
+        prior = self.prior[clients][:, None]
+        self.values[clients] = prior + factor * (self.values[clients] - prior)
 
     def _fill(self, clients, out):
         np.take(self.values, clients, axis=0, out=out)
@@ -258,6 +273,14 @@ class LeanFitness(FitnessTable):
         order = np.argsort(keys)
         dev = vals - self.prior[clients[rows]]
         self._insert(np.searchsorted(self.keys, keys[order]), keys[order], dev[order], np.int32(self.round))
+
+    def _shrink(self, clients, factor):
+        positions, _ = self._rows(clients)
+        self.dev[positions] *= factor
+        if factor == 0:
+            keep = np.ones(self.keys.size, dtype=bool)
+            keep[positions] = False
+            self.keys, self.dev, self.stamp = self.keys[keep], self.dev[keep], self.stamp[keep]
 
     def _fill(self, clients, out):
         out[:] = self.prior[clients][:, None]

@@ -12,7 +12,7 @@ from fedmoe.federated.client import (
     shared_vector,
     train_client,
 )
-from fedmoe.federated.compare import compare_strategies, format_table, summarize
+from fedmoe.federated.compare import compare_configs, compare_strategies, format_table, run_configs, summarize
 from fedmoe.federated.config import FederatedConfig
 from fedmoe.federated.runner import FederatedRun, rounds_to_target, run_experiment
 from fedmoe.federated.server import RoundPlan, RoundReport, Server, check_update
@@ -31,6 +31,7 @@ __all__ = [
     "Simulation",
     "TrainConfig",
     "check_update",
+    "compare_configs",
     "compare_strategies",
     "format_table",
     "gate_affinity",
@@ -39,6 +40,7 @@ __all__ = [
     "make_profiles",
     "model_cost",
     "rounds_to_target",
+    "run_configs",
     "run_experiment",
     "save_checkpoint",
     "shared_vector",

@@ -1,12 +1,13 @@
-"""Strategies x seeds on the same partitions: for seed s every strategy gets the same data split,
-partition, client profiles, initial model and simulated events (they are all keyed by the seed)."""
+"""Many runs in parallel processes (:func:`run_configs`), and strategies x seeds on the same partitions:
+for seed s every strategy gets the same data split, partition, client profiles, initial model and
+simulated events (they are all keyed by the seed)."""
 
 from __future__ import annotations
 
 import json
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -17,7 +18,8 @@ from tqdm.auto import tqdm
 from fedmoe.federated.config import FederatedConfig
 from fedmoe.federated.runner import run_experiment
 
-__all__ = ["compare_strategies", "format_table", "run_to_file", "summarize", "write_json"]
+__all__ = ["compare_configs", "compare_strategies", "format_table", "run_configs", "run_to_file", "summarize",
+           "write_json"]
 
 
 def write_json(path, obj) -> None:
@@ -40,46 +42,70 @@ def run_to_file(config: dict, path: str, checkpoint: str, resume: bool, threads:
     return result
 
 
-def compare_strategies(base: FederatedConfig, strategies: Sequence[str], seeds: Sequence[int], out, *,
-                       workers: int = 1, threads: int = 1, resume: bool = False,
-                       progress: bool = True) -> dict[str, list[dict]]:
-    """Run ``base`` with every strategy and seed; results JSONs by strategy, in ``seeds`` order.
+def run_configs(configs: Mapping[str, FederatedConfig], runs, *, workers: int = 1, threads: int = 1,
+                resume: bool = False, progress: bool = True) -> dict[str, dict]:
+    """Run every config of ``configs`` (run name -> config); returns run name -> results JSON.
 
-    Each run writes ``out/runs/<strategy>-seed<s>.json`` and a checkpoint next to it. ``workers`` > 1 runs
-    them in that many processes. With ``resume``, finished runs whose JSON holds the same config are
-    kept and unfinished ones continue from their checkpoints.
+    Each run writes ``runs/<name>.json`` and a checkpoint ``runs/<name>.pt``. ``workers`` > 1 runs them
+    in that many processes (``threads`` torch threads each). With ``resume``, finished runs whose JSON
+    holds the same config are kept and unfinished ones continue from their checkpoints.
     """
-    strategies, seeds = list(strategies), list(seeds)
-    if not strategies or len(set(strategies)) != len(strategies):
-        raise ValueError(f"strategies must be distinct names, got {strategies}")
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {seeds}")
     for name, value in (("workers", workers), ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    runs = Path(out) / "runs"
-    jobs = {(s, seed): (base.replace(strategy=s, seed=seed).to_dict(), str(runs / f"{s}-seed{seed}.json"),
-                        str(runs / f"{s}-seed{seed}.pt")) for s in strategies for seed in seeds}
+    runs = Path(runs)
+    jobs = {name: (config.to_dict(), str(runs / f"{name}.json"), str(runs / f"{name}.pt"))
+            for name, config in configs.items()}
     done = {}
     if resume:
-        for key, (config, path, _) in jobs.items():
+        for name, (config, path, _) in jobs.items():
             if Path(path).exists() and (kept := json.loads(Path(path).read_text())).get("config") == config:
-                done[key] = kept
-    todo = [key for key in jobs if key not in done]
+                done[name] = kept
+    todo = [name for name in jobs if name not in done]
     with tqdm(total=len(jobs), initial=len(done), desc="runs", unit="run", disable=not progress) as bar:
         if workers == 1:
-            for key in todo:
-                done[key] = run_to_file(*jobs[key], resume, threads, progress)
+            for name in todo:
+                done[name] = run_to_file(*jobs[name], resume, threads, progress)
                 bar.update()
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(run_to_file, *jobs[key], resume, threads, False): key for key in todo}
+                futures = {pool.submit(run_to_file, *jobs[name], resume, threads, False): name
+                           for name in todo}
                 for future in as_completed(futures):
-                    key = futures[future]
-                    done[key] = future.result()
-                    bar.set_postfix_str(f"{key[0]} seed {key[1]}: acc {done[key]['final_accuracy']:.3f}")
+                    name = futures[future]
+                    done[name] = future.result()
+                    bar.set_postfix_str(f"{name}: acc {done[name]['final_accuracy']:.3f}")
                     bar.update()
-    return {s: [done[s, seed] for seed in seeds] for s in strategies}
+    return {name: done[name] for name in jobs}
+
+
+def compare_configs(variants: Mapping[str, FederatedConfig], seeds: Sequence[int], out, *, workers: int = 1,
+                    threads: int = 1, resume: bool = False, progress: bool = True) -> dict[str, list[dict]]:
+    """Run every variant (name -> config; names must be usable in file names) with every seed; results
+    JSONs by variant, in ``seeds`` order. Runs are named ``<variant>-seed<s>`` under ``out/runs`` (see
+    :func:`run_configs`)."""
+    seeds = list(seeds)
+    if not variants:
+        raise ValueError("variants must not be empty")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+    configs = {f"{name}-seed{seed}": config.replace(seed=seed) for name, config in variants.items()
+               for seed in seeds}
+    done = run_configs(configs, Path(out) / "runs", workers=workers, threads=threads, resume=resume,
+                       progress=progress)
+    return {name: [done[f"{name}-seed{seed}"] for seed in seeds] for name in variants}
+
+
+def compare_strategies(base: FederatedConfig, strategies: Sequence[str], seeds: Sequence[int], out, *,
+                       workers: int = 1, threads: int = 1, resume: bool = False,
+                       progress: bool = True) -> dict[str, list[dict]]:
+    """Run ``base`` with every strategy and seed; results JSONs by strategy, in ``seeds`` order
+    (:func:`compare_configs` with one variant per strategy)."""
+    strategies = list(strategies)
+    if not strategies or len(set(strategies)) != len(strategies):
+        raise ValueError(f"strategies must be distinct names, got {strategies}")
+    return compare_configs({s: base.replace(strategy=s) for s in strategies}, seeds, out, workers=workers,
+                           threads=threads, resume=resume, progress=progress)
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from fedmoe.alignment import (
     STRATEGIES,
     DesirabilityConfig,
+    DriftConfig,
     FitnessConfig,
     LoadConfig,
+    ProfileConfig,
     StrategyConfig,
     _checks,
 )
@@ -37,11 +39,19 @@ class FederatedConfig:
     the load-balancing loss).
     Alignment: ``strategy`` (a name of :data:`fedmoe.alignment.STRATEGIES`), ``max_experts`` per client,
     desirability weights ``fit_weight`` (alpha) and ``load_weight`` (beta), ``fitness_ema``,
-    ``fitness_decay``, ``load_decay``, ``cold_start`` (score all experts with the initial gate first).
+    ``fitness_decay``, ``load_decay``, ``cold_start`` (score all experts with the initial gate first);
+    drift handling (:class:`fedmoe.alignment.DriftConfig`): ``drift_threshold`` (0 = off) and
+    ``drift_shrink`` (0 = a fired client's fitness row is reset); capacity profiles
+    (:class:`fedmoe.alignment.ProfileConfig`): ``safety_margin`` and ``profile_ema`` (1 = plan with the
+    self-reported profiles only, never learn from observed round times).
     Simulation: ``capacity`` (heterogeneous tiers | uniform), ``deadline`` (simulated seconds per round, or
     None), ``availability`` (probability a client is online at a round), ``dropout`` (clients drop out
-    mid-round with their tier's unreliability), ``corrupt`` (probability that a reply comes back with
-    non-finite values; a fault drill). ``target_accuracy``: for rounds-to-target.
+    mid-round with their tier's unreliability), ``dropout_rate`` (a further, independent probability of
+    dropping out mid-round, for every client), ``corrupt`` (probability that a reply comes back with
+    non-finite values; a fault drill), ``capacity_error`` (each client's true speed and memory are its
+    self-reported ones times a factor drawn from [1 - e, 1 + e]; a client given more experts than truly fit
+    fails), ``drift_round`` (from this round on, a ``drift_fraction`` of the clients hold data with their
+    labels permuted; 0 = no drift). ``target_accuracy``: for rounds-to-target.
     """
 
     data: str = "digits"
@@ -72,11 +82,19 @@ class FederatedConfig:
     fitness_decay: float = 0.95
     load_decay: float = 0.9
     cold_start: bool = True
+    drift_threshold: float = 0.0
+    drift_shrink: float = 0.0
+    safety_margin: float = 0.2
+    profile_ema: float = 0.7
     capacity: str = "heterogeneous"
     deadline: float | None = 4.0
     availability: float = 1.0
     dropout: bool = True
+    dropout_rate: float = 0.0
     corrupt: float = 0.0
+    capacity_error: float = 0.0
+    drift_round: int = 0
+    drift_fraction: float = 0.5
     target_accuracy: float = 0.85
 
     def __post_init__(self):
@@ -88,7 +106,7 @@ class FederatedConfig:
         for name, lo in (("shards_per_client", 1), ("min_samples", 0), ("num_clients", 1),
                          ("clients_per_round", 0), ("rounds", 0), ("seed", 0), ("num_experts", 1),
                          ("top_k", 1), ("d_model", 1), ("d_hidden", 1), ("local_epochs", 1),
-                         ("batch_size", 1), ("max_experts", 1)):
+                         ("batch_size", 1), ("max_experts", 1), ("drift_round", 0)):
             _checks.integer(name, getattr(self, name), lo)
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) must be <= num_clients "
@@ -106,6 +124,9 @@ class FederatedConfig:
         _choice("strategy", self.strategy, tuple(STRATEGIES))
         _checks.real("availability", self.availability, 0.0, 1.0, lo_open=True)
         _checks.real("corrupt", self.corrupt, 0.0, 1.0)
+        _checks.real("dropout_rate", self.dropout_rate, 0.0, 1.0, hi_open=True)
+        _checks.real("capacity_error", self.capacity_error, 0.0, 1.0, hi_open=True)
+        _checks.real("drift_fraction", self.drift_fraction, 0.0, 1.0)
         _checks.real("target_accuracy", self.target_accuracy, 0.0, 1.0)
         _choice("capacity", self.capacity, CAPACITIES)
         for name in ("cold_start", "dropout"):
@@ -115,8 +136,16 @@ class FederatedConfig:
             _checks.real("deadline", self.deadline, 0.0, lo_open=True)
         elif self.strategy == "deadline-aware":
             raise ValueError("strategy 'deadline-aware' needs a deadline")
-        # the alignment configs check their own fields (fit/load weights, EMA and decay factors)
-        self.strategy_config(), self.fitness_config(), self.load_config()
+        # the alignment configs check their own fields; their errors are prefixed with our option names
+        for options, build in ((("max_experts", "fit_weight", "load_weight"), self.strategy_config),
+                               (("fitness_ema", "fitness_decay"), self.fitness_config),
+                               (("load_decay",), self.load_config),
+                               (("safety_margin", "profile_ema"), self.profile_config),
+                               (("drift_threshold", "drift_shrink"), self.drift_config)):
+            try:
+                build()
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{' / '.join(options)}: {exc}") from None
 
     # ------------------------------------------------------------------ parts for the alignment engine
 
@@ -129,6 +158,12 @@ class FederatedConfig:
 
     def load_config(self) -> LoadConfig:
         return LoadConfig(decay=self.load_decay)
+
+    def profile_config(self) -> ProfileConfig:
+        return ProfileConfig(safety_margin=self.safety_margin, ema=self.profile_ema)
+
+    def drift_config(self) -> DriftConfig:
+        return DriftConfig(threshold=self.drift_threshold, shrink=self.drift_shrink)
 
     # ------------------------------------------------------------------ (de)serialisation
 

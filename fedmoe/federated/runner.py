@@ -4,7 +4,9 @@
 Per round: online clients -> ``server.configure`` -> each payload played by the simulation
 (``FederatedRun.train`` on the client's data) -> ``server.aggregate`` -> evaluation on the held-out
 set. The record of a round is the server's :class:`RoundReport` plus ``accuracy``, ``loss``,
-``load_cv`` and ``load`` (the decayed expert load [E]) and ``sim_time`` (cumulative simulated seconds).
+``load_cv`` and ``load`` (the decayed expert load [E]), ``sim_time`` (cumulative simulated seconds) and
+``time_error`` (median over clients of ``|log(estimated / true round time)|``: how far the server's
+capacity profiles are off, after the round's observations).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from fedmoe.models import MoEClassifier
 
 __all__ = ["CHECKPOINT_VERSION", "FederatedRun", "rounds_to_target", "run_experiment"]
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the server state holds the drift detector
 
 
 def rounds_to_target(accuracies, target: float) -> int | None:
@@ -70,7 +72,8 @@ class FederatedRun:
         self.cost = model_cost(model, config.local_epochs) if cost is None else cost
         samples = np.array([p.size for p in self.parts], dtype=np.float64)
         # the server's profiles are refined by observation; the simulation keeps the self-reported truth
-        self.server = Server(model, make_profiles(samples, self.cost, config.capacity, config.seed), config)
+        reported = make_profiles(samples, self.cost, config.capacity, config.seed, config.profile_config())
+        self.server = Server(model, reported, config)
         self.simulation = Simulation(self.dataset, self.parts,
                                      make_profiles(samples, self.cost, config.capacity, config.seed), config)
         self.workspace = copy.deepcopy(model)
@@ -99,7 +102,9 @@ class FederatedRun:
         previous = self.history[-1]["sim_time"] if self.history else 0.0
         record = {**report.to_dict(), **server.evaluate(self.x_test, self.y_test),
                   "load_cv": server.load.stats().cv, "load": server.load.load.tolist(),
-                  "sim_time": previous + report.seconds}
+                  "sim_time": previous + report.seconds,
+                  "time_error": float(np.median(np.abs(np.log(server.profiles.round_time(1)
+                                                              / sim.expected_seconds(1)))))}
         self.history.append(record)
         return record
 

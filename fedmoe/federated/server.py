@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from fedmoe.alignment import (
     AlignmentResult,
     CapacityProfile,
+    DriftDetector,
     ExpertLoad,
     RoundState,
     fitness_table,
@@ -61,7 +62,9 @@ class RoundReport:
     ``seconds``: simulated duration (until the last timely reply, or the deadline if one was missed);
     ``expert_samples``: [E] samples routed to each expert in the accepted replies; ``train_loss``: mean
     local loss of the accepted clients (None if none); ``rejected_rows``: expert rows the aggregation
-    kernel refused as non-finite (0 after fault filtering).
+    kernel refused as non-finite (0 after fault filtering); ``fitness_error``: mean ``|feedback - fitness|``
+    over the accepted pairs before the update (how stale the fitness was; None if none);
+    ``drift_reset``: clients whose fitness row the drift detector pulled back to the prior.
     """
 
     round: int
@@ -77,6 +80,8 @@ class RoundReport:
     expert_samples: list[float]
     train_loss: float | None
     rejected_rows: int
+    fitness_error: float | None
+    drift_reset: list[int]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,8 +123,8 @@ def check_update(update: ClientUpdate, payload: ClientPayload) -> str | None:
 
 class Server:
     """Server state: the global ``model`` (shared parameters and the expert bank [E, P]), the fitness
-    table, expert load, client ``profiles`` (as reported, refined by observation), the strategy and the
-    ``round`` number. :meth:`state_dict` holds all of it as plain data."""
+    table, expert load, client ``profiles`` (as reported, refined by observation), the drift detector, the
+    strategy and the ``round`` number. :meth:`state_dict` holds all of it as plain data."""
 
     def __init__(self, model: MoEClassifier, profiles: CapacityProfile, config: FederatedConfig):
         if not isinstance(model, MoEClassifier):
@@ -133,6 +138,7 @@ class Server:
         e = model.moe.num_experts
         self.fitness = fitness_table(config.num_clients, e, config.fitness_config())
         self.load = ExpertLoad(e, config.load_config())
+        self.drift = DriftDetector(config.num_clients, config.drift_config())
         self.strategy = make_strategy(config.strategy_config())
         self.round = 0
 
@@ -202,6 +208,7 @@ class Server:
         experts = np.concatenate([u.experts for u in accepted] or [np.zeros(0, int)])
         samples = np.concatenate([u.feedback.samples for u in accepted] or [np.zeros(0)]).astype(np.float64)
         values = np.concatenate([u.feedback.fitness() for u in accepted] or [np.zeros(0)])
+        reset, error = self.drift.step(self.fitness, clients, experts, values)
         self.fitness.update(clients, experts, values)
         self.load.update(experts, samples)
         if plan.payloads:
@@ -220,7 +227,8 @@ class Server:
             seconds=float(deadline if missed else arrived.max(initial=0.0)),
             expert_samples=np.bincount(experts, weights=samples, minlength=self.num_experts).tolist(),
             train_loss=float(np.mean([u.train_loss for u in accepted])) if accepted else None,
-            rejected_rows=rejected)
+            rejected_rows=rejected, fitness_error=float(error.mean()) if error.size else None,
+            drift_reset=reset.tolist())
 
     def _merge(self, updates: list[ClientUpdate]) -> int:
         """Weighted FedAvg of the shared vectors (weights: local samples) and per-expert aggregation of the
@@ -264,16 +272,18 @@ class Server:
         return {"round": self.round,
                 "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 "fitness": self.fitness.state_dict(), "load": self.load.state_dict(),
-                "profiles": self.profiles.state_dict(), "strategy": self.strategy.state_dict()}
+                "profiles": self.profiles.state_dict(), "drift": self.drift.state_dict(),
+                "strategy": self.strategy.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict` output (numpy arrays may come back as tensors)."""
-        missing = {"round", "model", "fitness", "load", "profiles", "strategy"} - set(state)
+        missing = {"round", "model", "fitness", "load", "profiles", "drift", "strategy"} - set(state)
         if missing:
             raise ValueError(f"server state is missing {sorted(missing)}")
         self.model.load_state_dict(state["model"])
         self.fitness.load_state_dict(to_numpy(state["fitness"]))
         self.load.load_state_dict(to_numpy(state["load"]))
         self.profiles.load_state_dict(to_numpy(state["profiles"]))
+        self.drift.load_state_dict(to_numpy(state["drift"]))
         self.strategy.load_state_dict(to_numpy(state["strategy"]))
         self.round = int(state["round"])

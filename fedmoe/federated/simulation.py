@@ -8,11 +8,20 @@ and FLOPs are the real ones of the model (:func:`model_cost`), so simulated time
 
 The server sees the self-reported profile. The true round time of a client training ``k`` experts is
 that profile's prediction times a hidden per-client factor (log-normal, sigma 0.25: the self-report is
-off) times a per-round jitter (log-normal, sigma 0.1). Each round a client is online with probability
-``availability``; an online client that was given work drops out mid-round (no reply) with probability
-``1 - reliability`` when ``dropout`` is on, and its reply is corrupted (non-finite values) with
-probability ``corrupt``. Every random draw comes from a generator keyed by (seed, round, client), so the
-simulation keeps no state and a resumed run sees the same events.
+off) times a per-round jitter (log-normal, sigma 0.1). With ``capacity_error = e`` the true time and the
+true memory are further off by per-client factors drawn uniformly from [1 - e, 1 + e]; a client given more
+experts than its true memory holds fails ("out of memory"). Each round a client is online with
+probability ``availability``; an online client that was given work drops out mid-round (no reply) with
+probability ``1 - reliability`` when ``dropout`` is on, and independently with probability
+``dropout_rate``; its reply is corrupted (non-finite values) with probability ``corrupt``.
+
+Drift: from round ``drift_round`` on (0 = never), a ``drift_fraction`` of the clients hold different data
+of the same size: every label ``y`` of their partition becomes ``(y + shift) mod classes`` (a per-client
+shift in [1, classes)) and the sample is replaced by a random training sample of that class, so each such
+client's label distribution moves while the population's stays about the same.
+
+Every random draw comes from a generator keyed by (seed, round, client), so the simulation keeps no
+state and a resumed run sees the same events.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ TIERS = {
 }
 _SPREAD = {"heterogeneous": 0.3, "uniform": 0.0}
 _HIDDEN_SIGMA, _JITTER_SIGMA = 0.25, 0.1
-_ONLINE, _CLIENT, _HIDDEN = 1, 2, 3  # random streams
+_ONLINE, _CLIENT, _HIDDEN, _ERROR, _DRIFT = 1, 2, 3, 4, 5  # random streams
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,10 @@ def model_cost(model: MoEClassifier, epochs: int) -> ModelCost:
                      base_flops=3.0 * counter.get_total_flops(), expert_flops=0.0, epochs=float(epochs))
 
 
-def make_profiles(samples: np.ndarray, cost: ModelCost, capacity: str, seed: int) -> CapacityProfile:
-    """Self-reported profiles of ``len(samples)`` clients holding ``samples`` training samples each."""
+def make_profiles(samples: np.ndarray, cost: ModelCost, capacity: str, seed: int,
+                  config: ProfileConfig | None = None) -> CapacityProfile:
+    """Self-reported profiles of ``len(samples)`` clients holding ``samples`` training samples each;
+    ``config`` is how the holder plans with them (memories are sized for the default safety margin)."""
     if capacity not in TIERS:
         raise ValueError(f"capacity must be one of {sorted(TIERS)}, got {capacity!r}")
     samples = np.asarray(samples, dtype=np.float64)
@@ -86,14 +97,15 @@ def make_profiles(samples: np.ndarray, cost: ModelCost, capacity: str, seed: int
              for name, share, fit, compute, bandwidth, latency, reliability in TIERS[capacity]]
     drawn = generate_profiles(samples.size, tiers, seed=seed, model=cost)
     return CapacityProfile(drawn.compute, np.maximum(drawn.memory, memory(1)), drawn.bandwidth, drawn.latency,
-                           drawn.reliability, samples, model=cost, tier=drawn.tier)
+                           drawn.reliability, samples, model=cost, config=config, tier=drawn.tier)
 
 
 class Simulation:
-    """The clients of one run: their data (from ``dataset`` split by ``parts``), true profiles and faults.
+    """The clients of one run: their data (from ``dataset`` split by ``parts``; ``x``/``y`` before any
+    drift, :meth:`data` at a round), true profiles and faults.
 
-    ``run(payload, train)`` plays one client's round: drop-out, true time, ``train(payload, x, y)``
-    (an exception there counts as the client dropping out), corruption.
+    ``run(payload, train)`` plays one client's round: drop-out, memory, true time,
+    ``train(payload, x, y)`` (an exception there counts as the client dropping out), corruption.
     """
 
     def __init__(self, dataset: Dataset, parts: list[np.ndarray], profiles: CapacityProfile,
@@ -105,7 +117,12 @@ class Simulation:
         self.x = [torch.from_numpy(dataset.x_train[p]) for p in parts]
         self.y = [torch.from_numpy(dataset.y_train[p]) for p in parts]
         n = profiles.num_clients
-        self.hidden = np.exp(_HIDDEN_SIGMA * self._rng(_HIDDEN).standard_normal(n))
+        time_error, memory_error = 1 + config.capacity_error * self._rng(_ERROR).uniform(-1, 1, (2, n))
+        self.hidden = np.exp(_HIDDEN_SIGMA * self._rng(_HIDDEN).standard_normal(n)) * time_error
+        cost = profiles.model  # true memory holds this many experts next to the shared model (no margin)
+        usable = profiles.memory * memory_error - cost.base_bytes
+        self.experts_fit = np.floor(usable / cost.expert_bytes).astype(np.int64)
+        self.drifted = self._drift(dataset, parts) if config.drift_round else {}
 
     @property
     def num_clients(self) -> int:
@@ -113,6 +130,28 @@ class Simulation:
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.config.seed, *key])
+
+    def _drift(self, dataset: Dataset, parts: list[np.ndarray]) -> dict[int, tuple[torch.Tensor, ...]]:
+        """Client -> its data after the drift (see module docstring)."""
+        rng = self._rng(_DRIFT)
+        n, classes = len(parts), dataset.num_classes
+        by_class = [np.flatnonzero(dataset.y_train == k) for k in range(classes)]
+        drifted = {}
+        for c in np.sort(rng.choice(n, size=round(self.config.drift_fraction * n), replace=False)):
+            labels = (dataset.y_train[parts[c]] + rng.integers(1, classes)) % classes
+            idx = np.array([rng.choice(by_class[k]) for k in labels], dtype=np.int64)
+            drifted[int(c)] = (torch.from_numpy(dataset.x_train[idx]), torch.from_numpy(dataset.y_train[idx]))
+        return drifted
+
+    def data(self, client: int, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` that ``client`` trains on at round ``round_``."""
+        if self.config.drift_round and round_ >= self.config.drift_round and client in self.drifted:
+            return self.drifted[client]
+        return self.x[client], self.y[client]
+
+    def expected_seconds(self, num_experts: int) -> np.ndarray:
+        """float64 [N]: every client's true round time with ``num_experts`` experts, without the jitter."""
+        return self.truth.round_time(num_experts) * self.hidden
 
     def online(self, round_: int) -> np.ndarray:
         """int64: the clients online at the start of round ``round_``, ascending."""
@@ -129,11 +168,14 @@ class Simulation:
             train: Callable[[ClientPayload, torch.Tensor, torch.Tensor], ClientUpdate]) -> ClientReply:
         """Play one client's round (see class docstring)."""
         c = payload.client
-        drop, corrupt = self._rng(_CLIENT, payload.round, c, 1).random(2)
-        if self.config.dropout and drop >= self.truth.reliability[c]:
+        drop, corrupt, extra_drop = self._rng(_CLIENT, payload.round, c, 1).random(3)
+        cfg = self.config
+        if (cfg.dropout and drop >= self.truth.reliability[c]) or extra_drop < cfg.dropout_rate:
             return ClientReply(c, None, float("nan"), "dropped out")
+        if payload.experts.size > self.experts_fit[c]:
+            return ClientReply(c, None, float("nan"), "out of memory")
         try:
-            update = train(payload, self.x[c], self.y[c])
+            update = train(payload, *self.data(c, payload.round))
         except Exception as exc:  # a failing client must not stop the run: it counts as dropped out
             return ClientReply(c, None, float("nan"), f"{type(exc).__name__}: {exc}")
         if corrupt < self.config.corrupt:

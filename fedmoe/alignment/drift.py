@@ -1,0 +1,116 @@
+"""Concept-drift handling for the fitness table: detect a jump in a client's feedback and let its fitness
+row forget faster.
+
+When a client's data changes (its label distribution shifts), its fitness row describes the old data: the
+row goes stale and only fades at the normal decay. The detector watches each client's *surprise*: the mean
+absolute difference between the feedback it reports for its trained pairs and the fitness those pairs had
+just before (``|v - F|``). It keeps, per client, EMAs of that surprise (``level``) and of its absolute
+deviation from the level (``spread``), and fires when a report exceeds ``level + threshold·spread``, once
+the client has reported ``warmup`` times since it last fired (a one-sided test in the spirit of an EWMA
+control chart). A fired client's row is pulled towards its prior: ``F <- prior + shrink·(F - prior)``
+(``shrink = 0`` resets it; ``0 < shrink < 1`` is one step of much faster decay), before the round's EMA
+update adds the new feedback. Its level and count restart, so it cannot fire again until it has rebuilt
+its baseline. Works on any :class:`~fedmoe.alignment.fitness.FitnessTable` (dense or lean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmoe.alignment import _checks
+from fedmoe.alignment.fitness import FitnessTable
+
+__all__ = ["DriftConfig", "DriftDetector"]
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """threshold >= 0: fire when surprise > level + threshold·spread (0 = detector off); shrink in [0, 1):
+    what is left of a fired row's deviation from its prior (0 = reset); warmup >= 2: reports needed
+    before a client can fire; ema in [0, 1): weight on history of the level and spread."""
+
+    threshold: float = 0.0
+    shrink: float = 0.0
+    warmup: int = 3
+    ema: float = 0.7
+
+    def __post_init__(self):
+        _checks.real("threshold", self.threshold, 0.0)
+        _checks.real("shrink", self.shrink, 0.0, 1.0, hi_open=True)
+        _checks.integer("warmup", self.warmup, 2)
+        _checks.real("ema", self.ema, 0.0, 1.0, hi_open=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0
+
+
+class DriftDetector:
+    """Per-client surprise ``level`` and ``spread`` (float64 [N]) and ``count`` (int64 [N], reports since
+    the client last fired); call :meth:`step` once per round, before ``fitness.update``."""
+
+    def __init__(self, num_clients: int, config: DriftConfig | None = None):
+        self.num_clients = _checks.integer("num_clients", num_clients, 0)
+        config = DriftConfig() if config is None else config
+        if not isinstance(config, DriftConfig):
+            raise TypeError(f"config must be a DriftConfig, got {type(config).__name__}")
+        self.config = config
+        self.level = np.zeros(self.num_clients)
+        self.spread = np.zeros(self.num_clients)
+        self.count = np.zeros(self.num_clients, dtype=np.int64)
+
+    def observe(self, clients, surprise) -> np.ndarray:
+        """Record one round's surprise of ``clients`` (int [n], distinct; float [n] >= 0); returns the
+        clients that fired (int64, ascending; always empty while the detector is off)."""
+        clients = _checks.indices("clients", clients, self.num_clients)
+        if np.unique(clients).size != clients.size:
+            raise ValueError("clients must be distinct")
+        surprise = _checks.floats("surprise", surprise, clients.shape, nonnegative=True)
+        cfg = self.config
+        if not cfg.enabled:
+            return np.zeros(0, dtype=np.int64)
+        level, spread, count = self.level[clients], self.spread[clients], self.count[clients]
+        fired = (count >= cfg.warmup) & (surprise > level + cfg.threshold * spread)
+        # the first report sets the level, the second the spread; later ones blend in
+        lam = cfg.ema
+        deviation = np.abs(surprise - level)
+        self.spread[clients] = np.select([count == 0, count == 1], [0.0, deviation],
+                                         lam * spread + (1 - lam) * deviation)
+        self.level[clients] = np.where(count == 0, surprise, lam * level + (1 - lam) * surprise)
+        self.count[clients] = count + 1
+        out = np.sort(clients[fired])
+        self.level[out], self.spread[out], self.count[out] = 0.0, 0.0, 0
+        return out
+
+    def step(self, fitness: FitnessTable, clients, experts, values) -> tuple[np.ndarray, np.ndarray]:
+        """Before ``fitness.update(clients, experts, values)``: compare the feedback with the current
+        fitness, let the clients whose surprise jumped forget (see module docstring). Returns
+        ``(fired clients, |values - fitness|)`` per pair (float64 [K])."""
+        if not isinstance(fitness, FitnessTable):
+            raise TypeError(f"fitness must be a FitnessTable, got {type(fitness).__name__}")
+        if fitness.num_clients != self.num_clients:
+            raise ValueError(f"fitness has {fitness.num_clients} clients, the detector {self.num_clients}")
+        clients = _checks.indices("clients", clients, self.num_clients)
+        values = _checks.floats("values", values, clients.shape)
+        error = np.abs(values - fitness.get(clients, experts).astype(np.float64))
+        reporting, inverse = np.unique(clients, return_inverse=True)
+        surprise = np.bincount(inverse, weights=error) / np.bincount(inverse) if clients.size else error
+        fired = self.observe(reporting, surprise)
+        if fired.size:
+            fitness.shrink_rows(fired, self.config.shrink)
+        return fired, error
+
+    def state_dict(self) -> dict:
+        return {"level": self.level.copy(), "spread": self.spread.copy(), "count": self.count.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        n = (self.num_clients,)
+        level = _checks.state_array(state, "level", n, np.float64)
+        spread = _checks.state_array(state, "spread", n, np.float64)
+        count = _checks.state_array(state, "count", n, np.int64)
+        if not (np.all(np.isfinite(level)) and np.all(np.isfinite(spread)) and np.all(level >= 0)
+                and np.all(spread >= 0) and np.all(count >= 0)):
+            raise ValueError("state level and spread must be finite and >= 0, count >= 0")
+        self.level, self.spread, self.count = level, spread, count

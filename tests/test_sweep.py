@@ -1,0 +1,132 @@
+"""Sensitivity sweeps: axis parsing, the grid run over seeds, its table and heatmaps, and ``fedmoe sweep``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.datasets import load_digits
+
+from fedmoe.cli import main
+from fedmoe.federated import FederatedConfig
+from fedmoe.federated.sweep import METRICS, Axis, format_sweep, parse_axis, run_sweep
+from fedmoe.plots import plot_sweep
+
+TINY = FederatedConfig(num_clients=4, clients_per_round=3, rounds=2, num_experts=4, d_model=8, d_hidden=16,
+                       channels=(4,), max_experts=2, dirichlet_alpha=1.0, deadline=None, dropout=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory) -> str:
+    d = load_digits()
+    path = tmp_path_factory.mktemp("data") / "digits300.npz"
+    np.savez(path, x=d.images[:300], y=d.target[:300])
+    return str(path)
+
+
+def test_parse_axis_types_values_and_joins_options():
+    axis = parse_axis("fitness_ema=0.7,0.9,0.99")
+    assert axis == Axis(("fitness_ema",), ((0.7,), (0.9,), (0.99,)))
+    joint = parse_axis("fit_weight/load_weight=0.3/0.7, 0.7/0.3")
+    assert joint.label == "fit_weight/load_weight" and joint.values == ((0.3, 0.7), (0.7, 0.3))
+    assert joint.format(joint.values[0]) == "0.3/0.7"
+    assert parse_axis("cold_start=true,false").values == ((True,), (False,))
+    assert parse_axis("strategy=greedy,random").values == (("greedy",), ("random",))
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("fitness_ema", "name=v1"), ("fitnes_ema=0.7", "fitnes_ema"), ("seed=1,2", "seed"),
+    ("rounds=2.5", "rounds"), ("fit_weight/load_weight=0.3", "2 part"), ("lr=0.1,0.1", "repeats"),
+    ("fit_weight/fit_weight=1/2", "twice"), ("cold_start=yes", "cold_start")])
+def test_parse_axis_names_what_is_wrong(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_axis(text)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(0.0, 0.99, allow_nan=False).map(lambda v: round(v, 3)), min_size=1, max_size=6,
+                unique=True))
+def test_parse_axis_round_trips_any_float_values(values):
+    axis = parse_axis("fitness_ema=" + ",".join(repr(v) for v in values))
+    assert [v for (v,) in axis.values] == values
+
+
+def test_run_sweep_checks_every_point_before_running(tmp_path):
+    with pytest.raises(ValueError, match=r"fitness_ema.*1\.0"):
+        run_sweep(TINY, [parse_axis("fitness_ema=0.5,1.0")], [0], tmp_path, progress=False)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ValueError, match="twice"):
+        run_sweep(TINY, [parse_axis("lr=0.1"), parse_axis("lr/momentum=0.2/0.5")], [0], tmp_path,
+                  progress=False)
+
+
+def test_fedmoe_sweep_runs_a_grid_over_seeds_and_writes_table_and_heatmaps(small_npz, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--data", small_npz, "--num-clients", "4", "--clients-per-round", "2", "--rounds", "1",
+            "--num-experts", "4", "--d-model", "8", "--d-hidden", "16", "--channels", "4",
+            "--max-experts", "2", "--deadline", "none", "--grid", "fitness_ema=0.99", "--grid",
+            "fit_weight/load_weight=0.3/0.7,0.7/0.3", "--seeds", "2", "--workers", "1", "--quiet",
+            "--out", str(out)]
+    main(args)
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [a["label"] for a in summary["axes"]] == ["fitness_ema", "fit_weight/load_weight"]
+    assert len(summary["points"]) == 2 and summary["seeds"] == [0, 1]
+    for point in summary["points"]:
+        for metric in METRICS:
+            assert len(point[metric]["values"]) == 2
+    assert [p["values"] for p in summary["points"]] == [
+        {"fitness_ema": "0.99", "fit_weight/load_weight": "0.3/0.7"},
+        {"fitness_ema": "0.99", "fit_weight/load_weight": "0.7/0.3"}]
+    assert len(list((out / "runs").glob("*.json"))) == 4
+    printed = capsys.readouterr().out
+    assert printed.count("0.3/0.7") == 1 and (out / "table.txt").read_text().strip() in printed
+    for metric in METRICS:
+        assert (out / f"heatmap_{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    main([*args, "--resume"])  # every run is kept: nothing reruns, same summary
+    assert json.loads((out / "sweep.json").read_text()) == summary
+    with pytest.raises(SystemExit):
+        main([*args[:-2], "--grid", "fitness_ema=2.0", "--out", str(tmp_path / "bad")])
+    assert "fitness_ema" in capsys.readouterr().err
+
+
+def _summary(shape: tuple[int, ...], seeds: int = 2) -> dict:
+    rng = np.random.default_rng(0)
+    axes = [{"label": f"a{i}", "names": [f"a{i}"], "values": [str(v) for v in range(n)]}
+            for i, n in enumerate(shape)]
+
+    def values(metric: str) -> list:  # the first seed never reaches the target
+        return [None if metric == "rounds_to_target" and s == 0 else float(rng.random())
+                for s in range(seeds)]
+
+    points = [{"values": {}, **{m: {"values": values(m)} for m in METRICS}}
+              for _ in range(int(np.prod(shape)))]
+    return {"base": {"rounds": 10}, "seeds": list(range(seeds)), "axes": axes, "points": points}
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 3), (3, 2, 2)])
+def test_plot_sweep_draws_one_panel_per_pair_of_axes(tmp_path, shape):
+    path = plot_sweep(_summary(shape), "rounds_to_target", tmp_path / "h.png")
+    assert Path(path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_format_sweep_puts_the_best_point_first():
+    summary = _summary((3,))
+    for i, p in enumerate(summary["points"]):
+        p["values"] = {"a0": str(i)}
+        p["final_accuracy"] = {"values": [0.1 * i], "mean": 0.1 * i, "std": 0.0, "min": 0.1 * i}
+        for m in ("last5_accuracy", "load_cv", "rounds_to_target"):
+            p[m] = {"values": [None], "mean": None, "std": 0.0, "min": None}
+    lines = format_sweep(summary).splitlines()
+    assert lines[2].startswith("2") and lines[-1].startswith("0") and "(0/1)" in lines[2]
