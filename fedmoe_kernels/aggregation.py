@@ -27,19 +27,26 @@ stable grouping; no atomics), so the same call gives the same bits. The streamin
 adds rows in the order they arrive; fed the rows of a batch in that order (in any number of ``add``
 calls) it gives bitwise the batch result of the same backend, unless a power-of-two rescale pushes values
 into subnormals; fed in another order, it agrees to float32 rounding. The two backends agree to float32
-rounding: Triton sums ``c * (row - base)``, torch sums ``c * row`` and subtracts ``(sum c) * base`` at the
-end (``c = w * s``), which spares it a gather of ``base`` per row.
+rounding: Triton sums ``c * (row - base)``, torch sums ``c * row`` (one ``addcmul_`` per term: a fused
+multiply-add, rounded once, where torch's CPU kernel has one) and subtracts ``(sum c) * base`` at the end
+(``c = w * s``), which spares it a gather of ``base`` per row.
 
-Passes. Both backends read the rows twice and never convert or copy them whole.
-torch (the CPU default): (1) verdicts, one reduction per row (rows whose sum is not finite are then
-tested value by value), over all rows at once, or whole rows about 1 MiB at a time where they must be
-converted (float64 rows, float32 bank) or clipped (deltas and their norms); (2) a block of columns at a
-time, the sums of the touched experts (a ``[U, step]`` float32/float64 block of about 4 MiB), built from
-about 1 MiB tiles of the rows' columns scaled in a reused buffer and ``index_add_``-ed, and then the new
-values of those columns. Triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``): a verdict launch
-(finiteness, clipping norms), then one launch over (column block, expert) that sums in registers and
-reads and writes the bank once; see :mod:`fedmoe_kernels.backend.aggregate`. The streaming form keeps
-``[E, P]`` sums instead (that is its O(E*P) memory) and writes the bank in :meth:`Accumulator.result`.
+Passes. Neither backend converts or copies the rows whole.
+torch (the CPU default): a block of experts at a time (one for rows over 128 KiB in the accumulation dtype,
+else as many as keep their ``[n, P]`` sums within 256 KiB), their accepted rows are summed into the block in
+rounds, one row of each expert per ``addcmul_`` (on a view of the row when a round has one, else on the
+round's rows gathered, at most the block's size), and then their new values are written. Without clipping, and
+unless float64 rows meet a float32 bank, that reads the rows once: every row is taken as accepted, and as a
+sum with a value that is not finite in it is not finite, only the experts whose sums are not finite (a bad
+row, or finite values whose sum overflows) are left unwritten, given per-row verdicts and summed again over
+their accepted rows. Clipping (the deltas' norms) and float64 rows for a float32 bank (values beyond float32
+range) need the verdicts first: a pass over whole rows about 1 MiB at a time (converted; deltas and norms),
+then the sums, so two reads. Each round is one torch call: with short rows and many rows per expert the call
+overhead (microseconds) dominates. Triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``): a verdict
+launch (finiteness, clipping norms), then one launch over (column block, expert) that sums in registers and
+reads and writes the bank once; see :mod:`fedmoe_kernels.backend.aggregate`. The streaming form gives each
+added batch its verdicts first (on torch a second read, of rows likely still in cache), keeps ``[E, P]`` sums
+(that is its O(E*P) memory) and writes the bank in :meth:`Accumulator.result`.
 
 In place. ``out=base`` (or ``out`` the same view of the same memory) updates the bank where it lies, so
 parameters that are views of the flat ``[E, P]`` bank see the new values; no copy of the bank is made.
@@ -48,6 +55,7 @@ Out of place, ``out`` (a new tensor by default) receives ``base`` for the expert
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from dataclasses import dataclass
@@ -59,7 +67,8 @@ from fedmoe_kernels._backend import resolve
 __all__ = ["Accumulator", "AggregateResult", "aggregate"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CHUNK_BYTES = 1 << 20  # torch path: bytes of rows handled per step (sums blocks: 4x that)
+_CHUNK_BYTES = 1 << 20  # torch path: bytes of rows per step of a verdict pass that converts or clips
+_BLOCK_BYTES = 1 << 18  # torch path: bytes of the sums of the experts summed side by side
 _K_NONE = -1100  # weight exponent of an expert that has seen no positive weight (below any float64's)
 
 
@@ -225,17 +234,21 @@ def _clip_factors(deltas: torch.Tensor, max_norm: float) -> torch.Tensor:
     return max_norm / norms.clamp(min=max_norm)
 
 
+def _converts(rows: torch.Tensor, acc: torch.dtype) -> bool:
+    """float64 rows summed in float32: values beyond float32 range are not finite once converted."""
+    return rows.dtype == torch.float64 and acc == torch.float32
+
+
 def _torch_verdicts(
     rows: torch.Tensor, experts: torch.Tensor, wscaled: torch.Tensor, base: torch.Tensor, acc: torch.dtype,
     max_norm: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """First pass over the rows: ``ok`` (bool [M]) and the coefficients ``c = w' * s`` ([M], ``acc``; 0 for
+    """A pass over the rows: ``ok`` (bool [M]) and the coefficients ``c = w' * s`` ([M], ``acc``; 0 for
     rejected rows). One reduction over all rows, or whole rows a few at a time (about 1 MiB) where they
     must be converted (float64 rows, float32 sums) or clipped (the deltas' norms)."""
     m, p = rows.shape
-    convert = rows.dtype == torch.float64 and acc == torch.float32  # beyond float32 range: not finite
     clip = torch.ones(m, dtype=torch.float64, device=rows.device)
-    if max_norm is None and not convert:
+    if max_norm is None and not _converts(rows, acc):
         ok = _finite_rows(rows)
     else:
         ok = torch.empty(m, dtype=torch.bool, device=rows.device)
@@ -249,88 +262,148 @@ def _torch_verdicts(
     return ok, torch.where(ok, wscaled * clip, 0.0).to(acc)
 
 
-def _kept(coef: torch.Tensor) -> torch.Tensor | None:
-    """The rows that contribute (``coef > 0``), ascending; None when all do."""
-    positive = coef > 0
-    return None if bool(positive.all()) else torch.nonzero(positive).squeeze(1)
+def _row_lists(experts: torch.Tensor, keep: torch.Tensor) -> dict[int, list[int]]:
+    """The rows with ``keep`` set, ascending, by expert."""
+    ids = torch.nonzero(keep).squeeze(1)
+    grouped = torch.sort(experts[ids], stable=True)
+    keys, counts = torch.unique_consecutive(grouped.values, return_counts=True)
+    rows = iter(ids[grouped.indices].tolist())
+    return {e: list(itertools.islice(rows, n)) for e, n in zip(keys.tolist(), counts.tolist(), strict=True)}
 
 
-def _take(values: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
-    return values if kept is None else values[kept]
+def _experts_per_block(p: int, acc: torch.dtype) -> int:
+    """Experts whose ``[n, P]`` sums (and a round's gathered rows) fit in about ``_BLOCK_BYTES``, summed
+    side by side; one expert at a time for long rows."""
+    return max(1, _BLOCK_BYTES // (p * acc.itemsize))
 
 
-def _column_step(num_rows: int, p: int) -> int:
-    """Columns per block, so that a [num_rows, step] block of sums stays about 4 MiB (at least 1024)."""
-    return min(p, max(1024, 4 * _CHUNK_BYTES // (4 * max(num_rows, 1))))
+def _blocks(lists: dict[int, list[int]], p: int, acc: torch.dtype) -> list[list[int]]:
+    """The experts of ``lists`` (expert -> its rows), most rows first, a block at a time."""
+    order = sorted(lists, key=lambda e: len(lists[e]), reverse=True)
+    step = _experts_per_block(p, acc)
+    return [order[lo : lo + step] for lo in range(0, len(order), step)]
 
 
-def _torch_sum_block(
-    target: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, kept: torch.Tensor | None,
-    coef: torch.Tensor, c0: int, c1: int,
-) -> None:
-    """``target[ids[k]] += coef[k] * rows[kept[k], c0:c1]`` for k ascending (target: [*, c1 - c0]).
-
-    ``kept`` None: all rows, read in place; otherwise the rows' columns are gathered first. A tile (about
-    1 MiB) at a time is scaled into a reused buffer in the dtype of ``target`` and added; the per-element
-    order is the row order.
-    """
-    cols = rows[:, c0:c1]
-    count = rows.shape[0] if kept is None else kept.numel()
-    step = max(1, _CHUNK_BYTES // ((c1 - c0) * target.element_size()))
-    shape = (min(step, count), c1 - c0)
-    tile = torch.empty(shape, dtype=target.dtype, device=rows.device)
-    gather = None if kept is None else torch.empty(shape, dtype=rows.dtype, device=rows.device)
-    for lo in range(0, count, step):
-        n = min(step, count - lo)
-        if kept is None:
-            x = cols[lo : lo + n]
-        else:
-            x = torch.index_select(cols, 0, kept[lo : lo + n], out=gather[:n])
-        target.index_add_(0, ids[lo : lo + n], torch.mul(x, coef[lo : lo + n, None], out=tile[:n]))
+def _index(ids: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Index of the (non-empty) ``ids``: a slice (a view, no gather) for one, else a tensor."""
+    return slice(ids[0], ids[0] + 1) if len(ids) == 1 else torch.tensor(ids, device=device)
 
 
-def _finish_block(
-    sums: torch.Tensor, touched: torch.Tensor, factor: torch.Tensor, neg_c: torch.Tensor, base: torch.Tensor,
-    out: torch.Tensor, c0: int, c1: int,
-) -> None:
-    """``out[e, c0:c1] = b + factor * (S - C * b)`` with ``b = base[e, c0:c1]`` for the ``touched`` experts;
-    ``sums`` ([len(touched), c1 - c0]) holds S and is overwritten; ``factor = lr / W``, ``neg_c = -C``."""
-    b = base[:, c0:c1].index_select(0, touched).to(sums.dtype)
-    sums.addcmul_(b, neg_c)
-    out[:, c0:c1].index_copy_(0, touched, b.addcmul_(sums, factor).to(out.dtype))
+def _take(t: torch.Tensor, at: slice | torch.Tensor) -> torch.Tensor:
+    """``t[at]`` along dim 0: a view for a slice, ``index_select`` (a gather) for a tensor."""
+    return t[at] if isinstance(at, slice) else t.index_select(0, at)
+
+
+def _sum_rows(sums: torch.Tensor, rows: torch.Tensor, lists: list[list[int]], coef: torch.Tensor) -> None:
+    """``sums[j] += coef[r] * rows[r]`` (``coef``: [M, 1]) for the rows ``r`` of ``lists[j]`` in order;
+    ``lists`` run from the longest to the shortest. Round ``k`` adds the ``k``-th row of every list that
+    has one (a prefix of ``sums``) with one ``addcmul_`` (a fused multiply-add where torch's CPU kernel
+    has one), on a view of the row where the round has one, else on the round's rows gathered."""
+    rounds = [[r for r in ids if r is not None] for ids in itertools.zip_longest(*lists)]
+    order = torch.tensor([r for ids in rounds for r in ids], dtype=torch.int64, device=rows.device)
+    c = coef.index_select(0, order)
+    lo = 0
+    for ids in rounds:
+        n = len(ids)
+        x = rows[ids[0] : ids[0] + 1] if n == 1 else rows.index_select(0, order[lo : lo + n])
+        sums[:n].addcmul_(x, c[lo : lo + n])
+        lo += n
 
 
 def _finish_factors(
-    touched: torch.Tensor, wsum: torch.Tensor, csum: torch.Tensor, lr: float, acc: torch.dtype
+    wsum: torch.Tensor, csum: torch.Tensor, lr: float, acc: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lr / W`` and ``-C`` of the touched experts, as [n, 1] columns in ``acc``."""
-    return (lr / wsum[touched]).to(acc)[:, None], (-csum[touched]).to(acc)[:, None]
+    """``lr / W`` and ``-C`` per expert ([E, 1] in ``acc``; meaningless where ``W == 0``)."""
+    return (lr / wsum).to(acc)[:, None], (-csum).to(acc)[:, None]
+
+
+def _finish(
+    sums: torch.Tensor, at: slice | torch.Tensor, factor: torch.Tensor, neg_c: torch.Tensor,
+    base: torch.Tensor, out: torch.Tensor,
+) -> None:
+    """``out[e] = b + factor[e] * (S - C * b)`` with ``b = base[e]`` for the experts ``at`` (``_index``);
+    ``sums`` ([n, P], accumulation dtype) holds their S and is overwritten; ``factor = lr / W``,
+    ``neg_c = -C`` ([E, 1])."""
+    b = _take(base, at)
+    sums.addcmul_(b, _take(neg_c, at))
+    if isinstance(at, slice):  # a view of out: written where it lies
+        torch.addcmul(b, sums, _take(factor, at), out=out[at])
+    else:
+        out.index_copy_(0, at, torch.addcmul(b, sums, _take(factor, at), out=sums).to(out.dtype))
+
+
+def _keep_base(out: torch.Tensor, base: torch.Tensor, mask: torch.Tensor) -> None:
+    """``out[e] = base[e]`` for the experts of ``mask`` (bool [E]); nothing to do in place."""
+    if out.data_ptr() != base.data_ptr() and bool(mask.any()):
+        out[mask] = base[mask]
+
+
+def _weight_sums(
+    experts: torch.Tensor, ok: torch.Tensor, wscaled: torch.Tensor, coef: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W and C per expert (float64 [E]): the sums of the accepted rows' scaled weights and coefficients."""
+    zeros = torch.zeros(num_experts, dtype=torch.float64, device=experts.device)
+    return (
+        zeros.clone().index_add_(0, experts, torch.where(ok, wscaled, 0.0)),
+        zeros.index_add_(0, experts, torch.where(ok, coef, 0.0).to(torch.float64)),
+    )
+
+
+def _torch_experts(
+    lists: dict[int, list[int]], rows: torch.Tensor, coef: torch.Tensor, wsum: torch.Tensor,
+    csum: torch.Tensor, lr: float, base: torch.Tensor, out: torch.Tensor, check: bool,
+) -> list[int]:
+    """A block of experts of ``lists`` (expert -> its rows) at a time: their sums of ``coef * row``
+    (``_sum_rows``), then the new values of those whose weight sum is positive (``_finish``). With
+    ``check``, the experts whose sums are not finite are left as they are and returned."""
+    factor, neg_c = _finish_factors(wsum, csum, lr, coef.dtype)
+    positive = (wsum > 0).tolist()
+    p = base.shape[1]
+    blocks = _blocks(lists, p, coef.dtype)
+    block = torch.empty((len(blocks[0]) if blocks else 0, p), dtype=coef.dtype, device=base.device)
+    failed = []
+    for group in blocks:
+        sums = block[: len(group)].zero_()
+        _sum_rows(sums, rows, [lists[e] for e in group], coef[:, None])
+        finite = torch.isfinite(sums.sum(dim=1)).tolist() if check else [True] * len(group)
+        failed += [e for e, f in zip(group, finite, strict=True) if not f]
+        write = [j for j, e in enumerate(group) if finite[j] and positive[e]]
+        if write:
+            sums = sums if len(write) == len(group) else sums[write]
+            _finish(sums, _index([group[j] for j in write], base.device), factor, neg_c, base, out)
+    return failed
 
 
 def _torch_aggregate(
     rows: torch.Tensor, experts: torch.Tensor, wscaled: torch.Tensor, base: torch.Tensor,
-    max_norm: float | None, lr: float, out: torch.Tensor, wsum: torch.Tensor,
-) -> torch.Tensor:
-    """Batch torch path: a verdict pass over the rows, then a block of columns at a time the sums of the
-    touched experts (a small [U, step] buffer, no [E, P] one) and their new values. Returns ``ok``."""
+    max_norm: float | None, lr: float, out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch torch path (``_torch_experts``); returns ``ok`` and the weight sums.
+
+    Without clipping or conversion every row is first taken as accepted and summed: a sum with a value
+    that is not finite in it is not finite, so only the experts whose sums are not finite (a bad row, or
+    finite values that overflow) get per-row verdicts and are summed again over their accepted rows.
+    Otherwise the verdicts come first (``_torch_verdicts``). Either way the accepted rows are summed,
+    zero weights included (as the streaming form does), so that both add the same terms."""
     acc = _acc_dtype(base)
-    ok, coef = _torch_verdicts(rows, experts, wscaled, base, acc, max_norm)
-    wsum.index_add_(0, experts, torch.where(ok, wscaled, 0.0))
-    csum = torch.zeros_like(wsum).index_add_(0, experts, coef.to(torch.float64))
-    kept = _kept(coef)
-    touched, ids = torch.unique(experts if kept is None else experts[kept], return_inverse=True)
-    if out.data_ptr() != base.data_ptr() and touched.numel() < base.shape[0]:
-        out.copy_(base)  # for the experts left as they are (every row is written below if all are touched)
-    factor, neg_c = _finish_factors(touched, wsum, csum, lr, acc)
-    p = base.shape[1]
-    step = _column_step(touched.numel(), p)
-    block = torch.empty((touched.numel(), step), dtype=acc, device=base.device)
-    for c0 in range(0, p, step):
-        c1 = min(p, c0 + step)
-        sums = block[:, : c1 - c0].zero_()
-        _torch_sum_block(sums, ids, rows, kept, _take(coef, kept), c0, c1)
-        _finish_block(sums, touched, factor, neg_c, base, out, c0, c1)
-    return ok
+    num_experts = base.shape[0]
+    optimistic = max_norm is None and not _converts(rows, acc)
+    if optimistic:
+        ok, coef = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device), wscaled.to(acc)
+    else:
+        ok, coef = _torch_verdicts(rows, experts, wscaled, base, acc, max_norm)
+    lists = _row_lists(experts, ok)
+    wsum, csum = _weight_sums(experts, ok, wscaled, coef, num_experts)
+    failed = _torch_experts(lists, rows, coef, wsum, csum, lr, base, out, check=optimistic)
+    if failed:
+        suspect = [r for e in failed for r in lists[e]]
+        ok[suspect] = torch.stack([torch.isfinite(rows[r]).all() for r in suspect])
+        accepted = ok.tolist()
+        lists = {e: [r for r in lists[e] if accepted[r]] for e in failed}
+        wsum, csum = _weight_sums(experts, ok, wscaled, coef, num_experts)
+        _torch_experts(lists, rows, coef, wsum, csum, lr, base, out, check=False)
+    _keep_base(out, base, wsum == 0)  # no rows, zero weights, or every row rejected
+    return ok, wsum
 
 
 def _group(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,12 +477,12 @@ def aggregate(
     acc_dtype = _acc_dtype(base)
     k_none = torch.full((num_experts,), _K_NONE, dtype=torch.int64, device=base.device)
     k, _, wscaled = _scale_weights(k_none, experts, w)
-    wsum = torch.zeros(num_experts, dtype=torch.float64, device=base.device)
     if backend == "torch":
-        ok = _torch_aggregate(rows, experts, wscaled, base, max_norm, lr, out, wsum)
+        ok, wsum = _torch_aggregate(rows, experts, wscaled, base, max_norm, lr, out)
     else:
         from fedmoe_kernels.backend.aggregate import aggregate_rows
 
+        wsum = torch.zeros(num_experts, dtype=torch.float64, device=base.device)
         ok, sq = _triton_stats(rows, experts, base, acc_dtype, max_norm)
         perm, offsets = _group(experts, num_experts)
         aggregate_rows(
@@ -468,8 +541,13 @@ class Accumulator:
             ok, coef = _torch_verdicts(rows, experts, wscaled, self._base, sums.dtype, self._max_norm)
             self._wsum.index_add_(0, experts, torch.where(ok, wscaled, 0.0))
             self._csum.index_add_(0, experts, coef.to(torch.float64))
-            kept = _kept(coef)  # whole rows: the [E, P] sums do not fit a cache anyway
-            _torch_sum_block(sums, _take(experts, kept), rows, kept, _take(coef, kept), 0, sums.shape[1])
+            lists = _row_lists(experts, ok)
+            for group in _blocks(lists, sums.shape[1], sums.dtype):
+                at = _index(group, rows.device)
+                block = _take(sums, at)  # a view of one expert's sums, else a gather written back
+                _sum_rows(block, rows, [lists[e] for e in group], coef[:, None])
+                if not isinstance(at, slice):
+                    sums.index_copy_(0, at, block)
         else:
             from fedmoe_kernels.backend.aggregate import aggregate_rows
 
@@ -489,17 +567,13 @@ class Accumulator:
 
     def _result(self, lr: float, out: torch.Tensor) -> AggregateResult:
         if self._backend == "torch":
-            touched = torch.nonzero(self._wsum > 0).squeeze(1)
-            if out.data_ptr() != self._base.data_ptr() and touched.numel() < self.num_experts:
-                out.copy_(self._base)
-            acc = self._sums.dtype
-            factor, neg_c = _finish_factors(touched, self._wsum, self._csum, lr, acc)
-            p = self._sums.shape[1]
-            step = _column_step(touched.numel(), p)
-            for c0 in range(0, p, step):
-                c1 = min(p, c0 + step)
-                sums = self._sums[:, c0:c1].index_select(0, touched)
-                _finish_block(sums, touched, factor, neg_c, self._base, out, c0, c1)
+            touched = torch.nonzero(self._wsum > 0).squeeze(1).tolist()
+            _keep_base(out, self._base, self._wsum == 0)
+            factor, neg_c = _finish_factors(self._wsum, self._csum, lr, self._sums.dtype)
+            step = _experts_per_block(self._sums.shape[1], self._sums.dtype)
+            for lo in range(0, len(touched), step):
+                at = _index(touched[lo : lo + step], self._base.device)
+                _finish(_take(self._sums, at).clone(), at, factor, neg_c, self._base, out)
             wsum = self._wsum
         else:
             from fedmoe_kernels.backend.aggregate import aggregate_rows

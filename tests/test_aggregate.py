@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmoe_kernels import Accumulator, AggregateResult, aggregate
+from fedmoe_kernels import Accumulator, AggregateResult, aggregate, aggregation
 from fedmoe_kernels._backend import interpreting
 from fedmoe_kernels.reference import aggregate_reference
 
@@ -296,6 +297,125 @@ def test_in_place_on_the_bank(backend):
     other = torch.empty_like(base)
     res = aggregate(rows, experts, weights, 3, base, backend=backend, max_norm=0.4, out=other)
     assert res.bank is other and torch.equal(other, expected.bank)
+
+
+# ---------------------------------------------------------------- torch: sums first, then verdicts
+
+BLOCKS = [1, 64, 1 << 18]  # bytes of a block of experts' sums: one expert, a few, all of them here
+
+
+def verdicts_first(rows, experts, weights, e, base, **kw):
+    """The torch path with the verdict pass first (a clipping norm that clips nothing): the same bits."""
+    return aggregate(rows, experts, weights, e, base, max_norm=1e300, backend="torch", **kw)
+
+
+def assert_same(res: AggregateResult, other: AggregateResult) -> None:
+    assert torch.equal(res.bank, other.bank)
+    assert torch.equal(res.accepted, other.accepted) and torch.equal(res.rejected, other.rejected)
+    assert torch.equal(res.weight_sum, other.weight_sum)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 40),
+    p=st.integers(1, 30),
+    e=st.integers(1, 6),
+    bad=st.lists(
+        st.tuples(st.integers(0, 999), st.integers(0, 999), st.sampled_from([math.nan, math.inf, -math.inf])),
+        max_size=6,
+    ),
+    zero=st.lists(st.integers(0, 999), max_size=4),
+    huge=st.lists(st.integers(0, 999), max_size=3),
+    huge_value=st.sampled_from([3e38, 1e39]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
+    block=st.sampled_from(BLOCKS),
+    lr=st.sampled_from([1.0, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_sums_first_equal_verdicts_first(m, p, e, bad, zero, huge, huge_value, dtype, block, lr, seed):
+    """Non-finite values anywhere, zero weights, huge rows (finite float32 whose sums overflow, or beyond
+    float32 and so rejected): the batch (out of place and in place) gives the bits of the verdicts-first
+    path and of the streaming form, and rejects exactly the rows not finite in float32."""
+    rows, experts, weights, base = make_case(m, p, e, dtype=dtype, seed=seed, bad_rows=False)
+    for r, c, value in bad:
+        rows[r % m, c % p] = value
+    weights[[r % m for r in zero]] = 0.0
+    rows[[r % m for r in huge]] = torch.tensor(huge_value, dtype=torch.float64).to(dtype)  # may be inf
+    with mock.patch.object(aggregation, "_BLOCK_BYTES", block):
+        res = aggregate(rows, experts, weights, e, base, lr=lr, backend="torch")
+        assert_same(res, verdicts_first(rows, experts, weights, e, base, lr=lr))
+        bank = base.clone()
+        assert_same(res, aggregate(rows, experts, weights, e, bank, lr=lr, out=bank, backend="torch"))
+        acc = Accumulator(base, backend="torch")
+        for lo, hi in itertools.pairwise(split_points(m, 3, seed)):
+            acc.add(rows[lo:hi], experts[lo:hi], weights[lo:hi])
+        assert_same(res, acc.result(lr=lr))
+    bad_rows = ~torch.isfinite(rows.float()).all(dim=1)
+    assert torch.equal(res.rejected, torch.bincount(experts[bad_rows], minlength=e))
+    if not huge:
+        check(res, rows, experts, weights, base, lr=lr)
+
+
+@pytest.mark.parametrize("p", [64, 40_000])  # several experts per block; one
+def test_finite_rows_whose_sum_overflows_are_accepted(p):
+    """A sum of finite rows that overflows is not finite: the rows are tested one by one, found finite
+    and accepted; the float32 sums overflow where the rows are huge, as with the verdicts first."""
+    base = torch.zeros(3, p, device=DEVICE)
+    rows = torch.ones(5, p, device=DEVICE)
+    rows[:3, :8] = 3e38  # expert 0: three rows weighted 1/3 each, whose sum overflows in 8 columns
+    rows[3, 5] = math.nan  # expert 1: a bad row
+    experts = torch.tensor([0, 0, 0, 1, 2], device=DEVICE)
+    weights = torch.ones(5, device=DEVICE)
+    res = aggregate(rows, experts, weights, 3, base, backend="torch")
+    assert res.accepted.tolist() == [3, 0, 1] and res.rejected.tolist() == [0, 1, 0]
+    assert_same(res, verdicts_first(rows, experts, weights, 3, base))
+    assert torch.isinf(res.bank[0, :8]).all()
+    torch.testing.assert_close(res.bank[0, 8:], rows[0, 8:])
+    assert torch.equal(res.bank[1], base[1]) and torch.equal(res.bank[2], rows[4])
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_one_bad_row_among_many_experts(monkeypatch, block):
+    """Without clipping the torch path makes no verdict pass; one bad row changes only its expert, which
+    is summed again without it."""
+    monkeypatch.setattr(aggregation, "_BLOCK_BYTES", block)
+    verdict_passes = []
+    torch_verdicts = aggregation._torch_verdicts
+
+    def counted(*args):
+        verdict_passes.append(args)
+        return torch_verdicts(*args)
+
+    monkeypatch.setattr(aggregation, "_torch_verdicts", counted)
+    rows, experts, weights, base = make_case(300, 50, 64, seed=21, bad_rows=False)
+    rows[117, 13] = math.nan
+    res = aggregate(rows, experts, weights, 64, base, backend="torch")
+    assert not verdict_passes
+    keep = torch.arange(300, device=DEVICE) != 117
+    clean = aggregate(rows[keep], experts[keep], weights[keep], 64, base, backend="torch")
+    assert torch.equal(res.bank, clean.bank) and torch.equal(res.accepted, clean.accepted)
+    assert res.rejected.tolist() == [int(e == experts[117]) for e in range(64)]
+    aggregate(rows, experts, weights, 64, base, max_norm=1e300, backend="torch")
+    assert len(verdict_passes) == 1  # clipping needs the verdicts (and norms) first
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_bad_rows_mixed_with_zero_weights(in_place):
+    """Expert 0: a bad row, a zero weight and good rows; 1: its only weighted row bad, a finite zero-weight
+    row (kept as it is, one row accepted); 2: only bad rows; 3: no rows; 4: good rows."""
+    rows, _, _, base = make_case(10, 16, 5, seed=22, bad_rows=False)
+    experts = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 4, 4], device=DEVICE)
+    weights = torch.tensor([1.0, 0.0, 2.0, 3.0, 5.0, 0.0, 1.0, 1.0, 2.0, 1.0], device=DEVICE)
+    rows[2, 3] = math.nan
+    rows[4, 0] = math.inf
+    rows[6, 15] = -math.inf
+    rows[7, 7] = math.nan
+    bank = base.clone()
+    res = aggregate(rows, experts, weights, 5, base, out=bank if in_place else None, backend="torch")
+    check(res, rows, experts, weights, base)
+    assert res.accepted.tolist() == [3, 1, 0, 0, 2] and res.rejected.tolist() == [1, 1, 2, 0, 0]
+    assert torch.equal(res.bank[1:4], base[1:4])
+    assert_same(res, verdicts_first(rows, experts, weights, 5, base))
 
 
 # ---------------------------------------------------------------- streaming
