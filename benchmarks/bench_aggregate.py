@@ -13,6 +13,9 @@ fedmoe: ``aggregate`` out of place (``fused``), in place on the bank (``fused_in
 (``streaming``). Every method is checked against the loop (``fused_clip`` against the reference) before it is
 timed.
 
+* CPU, short rows (always): (E, P, M) = (64, 1,000, 20,000), (16, 100, 100,000), (16, 10,000, 64): many rows
+  of a few KiB or less, where a torch call per row would dominate; loop, state_dict, fused, fused_inplace
+  interleaved (``short_rows`` in the JSON, with ratios to both baselines).
 * CPU (always): E = 64, P = 100,000, M = 512, float32. Interleaved rounds; median and best wall time and
   median CPU time (process time, all threads). Peak extra resident memory of one call, each method in a
   fresh process (``VmHWM`` over the resident set before the call, after ``malloc_trim``), against the size
@@ -47,6 +50,12 @@ from fedmoe_kernels.reference import aggregate_reference
 
 EXPERTS_PER_CLIENT = 4
 SHAPES = {"full": (64, 100_000, 512), "quick": (16, 10_000, 64)}  # (E, P, M) on CPU
+# many short rows (the torch path's tiles): (E, P, M); the quick shape among them
+SHORT_ROW_SHAPES = {
+    "full": [(64, 1_000, 20_000), (16, 100, 100_000), (16, 10_000, 64)],
+    "quick": [(16, 100, 2_000)],
+}
+SHORT_ROW_METHODS = ("loop", "state_dict", "fused", "fused_inplace")
 GPU_SHAPES = {"full": [(64, 100_000, 512), (256, 100_000, 512)], "quick": [(256, 10_000, 512)]}
 BASELINES = ("loop", "state_dict")
 METHODS = ("loop", "state_dict", "fused", "fused_inplace", "fused_clip", "streaming")
@@ -218,6 +227,45 @@ def cpu_section(quick: bool, threads: int, rounds: int) -> dict:
     }
 
 
+def short_rows_section(quick: bool, rounds: int) -> list[dict]:
+    """Wall and CPU time medians of the fused path against both baselines on shapes with many short rows."""
+    configs = []
+    for shape in SHORT_ROW_SHAPES["quick" if quick else "full"]:
+        pb = make_problem(*shape, "cpu")
+        fns = {name: fn for name, fn in methods(pb).items() if name in SHORT_ROW_METHODS}
+        diffs = check(pb, fns)
+        wall = {name: [] for name in fns}
+        cpu = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                cpu[name].append(time.process_time() - c0)
+                wall[name].append(time.perf_counter() - w0)
+        results = {
+            name: {
+                "wall_ms_median": 1e3 * statistics.median(wall[name]),
+                "wall_ms_best": 1e3 * min(wall[name]),
+                "cpu_ms_median": 1e3 * statistics.median(cpu[name]),
+                "max_abs_diff": diffs[name],
+            }
+            for name in fns
+        }
+        num_experts, p, m = shape
+        configs.append({
+            "E": num_experts, "P": p, "M": m, "dtype": "float32", "rounds": rounds, "results": results,
+            "ratios": {
+                f"{base}_over_{name}": {
+                    key: results[base][key] / results[name][key]
+                    for key in ("wall_ms_median", "cpu_ms_median")
+                }
+                for base in BASELINES
+                for name in ("fused", "fused_inplace")
+            },
+        })
+    return configs
+
+
 # ---------------------------------------------------------------- GPU
 
 
@@ -286,6 +334,7 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"machine": device_info(f"cpu: {cpu_model()}")}
     report["cpu"] = cpu_section(args.quick, torch.get_num_threads(), args.rounds)
+    report["short_rows"] = short_rows_section(args.quick, max(3, args.rounds // 2))
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     threads = f"_threads{args.threads}" if args.threads else ""
     path = args.out_dir / f"aggregate_cpu{threads}{suffix}.json"

@@ -27,22 +27,26 @@ stable grouping; no atomics), so the same call gives the same bits. The streamin
 adds rows in the order they arrive; fed the rows of a batch in that order (in any number of ``add``
 calls) it gives bitwise the batch result of the same backend, unless a power-of-two rescale pushes values
 into subnormals; fed in another order, it agrees to float32 rounding. The two backends agree to float32
-rounding: Triton sums ``c * (row - base)``, torch sums ``c * row`` (one ``addcmul_`` per term: a fused
-multiply-add, rounded once, where torch's CPU kernel has one) and subtracts ``(sum c) * base`` at the end
-(``c = w * s``), which spares it a gather of ``base`` per row.
+rounding: Triton sums ``c * (row - base)``, torch sums ``c * row`` and subtracts ``(sum c) * base`` at the
+end (``c = w * s``), which spares it a gather of ``base`` per row. On torch each term is added with one
+``addcmul_`` (a fused multiply-add, rounded once, where torch's CPU kernel has one) for rows of at least
+256 KiB in the accumulation dtype, else rounded (``c * row``) and then added; the choice depends on the
+row length alone, so a batch and its rows streamed in any pieces make the same one.
 
 Passes. Neither backend converts or copies the rows whole.
-torch (the CPU default): a block of experts at a time (one for rows over 128 KiB in the accumulation dtype,
-else as many as keep their ``[n, P]`` sums within 256 KiB), their accepted rows are summed into the block in
-rounds, one row of each expert per ``addcmul_`` (on a view of the row when a round has one, else on the
-round's rows gathered, at most the block's size), and then their new values are written. Without clipping, and
-unless float64 rows meet a float32 bank, that reads the rows once: every row is taken as accepted, and as a
-sum with a value that is not finite in it is not finite, only the experts whose sums are not finite (a bad
-row, or finite values whose sum overflows) are left unwritten, given per-row verdicts and summed again over
-their accepted rows. Clipping (the deltas' norms) and float64 rows for a float32 bank (values beyond float32
-range) need the verdicts first: a pass over whole rows about 1 MiB at a time (converted; deltas and norms),
-then the sums, so two reads. Each round is one torch call: with short rows and many rows per expert the call
-overhead (microseconds) dominates. Triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``): a verdict
+torch (the CPU default): a block of experts at a time, their accepted rows summed into the block, then their
+new values written. Rows of 256 KiB or more (in the accumulation dtype) are summed one expert at a time,
+one row per ``addcmul_`` on a view of the row (a call per row, negligible next to the row). Shorter rows
+are summed with as many experts per block as keep their ``[n, P]`` sums within 4 MiB, a tile of rows
+(about 1 MiB in the accumulation dtype; slices of the rows when the block has every row, else gathered)
+at a time: scaled into a reused buffer and added with one ``index_add_``, so a few torch calls per tile
+whatever the number of rows. Without clipping, and unless float64 rows meet a float32 bank, that reads
+the rows once: every row is taken as accepted, and as a sum with a value that is not finite in it is not
+finite, only the experts whose sums are not finite (a bad row, or finite values whose sum overflows) are
+left unwritten, given per-row verdicts and summed again over their accepted rows. Clipping (the deltas'
+norms) and float64 rows for a float32 bank (values beyond float32 range) need the verdicts first: a pass
+over whole rows about 1 MiB at a time (converted; deltas and norms), then the sums, so two reads.
+Triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``): a verdict
 launch (finiteness, clipping norms), then one launch over (column block, expert) that sums in registers and
 reads and writes the bank once; see :mod:`fedmoe_kernels.backend.aggregate`. The streaming form gives each
 added batch its verdicts first (on torch a second read, of rows likely still in cache), keeps ``[E, P]`` sums
@@ -69,6 +73,8 @@ __all__ = ["Accumulator", "AggregateResult", "aggregate"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHUNK_BYTES = 1 << 20  # torch path: bytes of rows per step of a verdict pass that converts or clips
 _BLOCK_BYTES = 1 << 18  # torch path: bytes of the sums of the experts summed side by side
+_TILED_BLOCK_BYTES = 1 << 22  # torch path: the same for rows summed a tile at a time
+_ROUND_BYTES = 1 << 18  # torch path: rows this long or longer (accumulation dtype) are summed one per call
 _K_NONE = -1100  # weight exponent of an expert that has seen no positive weight (below any float64's)
 
 
@@ -262,26 +268,43 @@ def _torch_verdicts(
     return ok, torch.where(ok, wscaled * clip, 0.0).to(acc)
 
 
-def _row_lists(experts: torch.Tensor, keep: torch.Tensor) -> dict[int, list[int]]:
-    """The rows with ``keep`` set, ascending, by expert."""
-    ids = torch.nonzero(keep).squeeze(1)
-    grouped = torch.sort(experts[ids], stable=True)
-    keys, counts = torch.unique_consecutive(grouped.values, return_counts=True)
-    rows = iter(ids[grouped.indices].tolist())
-    return {e: list(itertools.islice(rows, n)) for e, n in zip(keys.tolist(), counts.tolist(), strict=True)}
+def _blocks(
+    experts: torch.Tensor, keep: torch.Tensor, num_experts: int, p: int, acc: torch.dtype
+) -> list[list[int]]:
+    """The experts with rows that ``keep`` (bool [M]) holds, most rows first (ties: ascending), a block
+    at a time."""
+    counts = torch.bincount(experts[keep], minlength=num_experts)
+    touched = torch.nonzero(counts).squeeze(1)
+    order = touched[torch.sort(counts[touched], descending=True, stable=True).indices].tolist()
+    step = _experts_per_block(p, acc)
+    return [order[lo : lo + step] for lo in range(0, len(order), step)]
+
+
+def _block_rows(
+    experts: torch.Tensor, keep: torch.Tensor, blocks: list[list[int]], num_experts: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per block of ``blocks``: the rows that ``keep`` holds of its experts, ascending (int64 [n]), and the
+    place of each one's expert in the block (int64 [n]); one stable sort for all blocks."""
+    device = experts.device
+    flat = torch.tensor([e for group in blocks for e in group], dtype=torch.int64, device=device)
+    sizes = torch.tensor([len(group) for group in blocks], dtype=torch.int64, device=device)
+    block_of = torch.full((num_experts,), -1, dtype=torch.int64, device=device)
+    block_of[flat] = torch.repeat_interleave(torch.arange(len(blocks), device=device), sizes)
+    slot = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    starts = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+    slot[flat] = torch.arange(flat.numel(), device=device) - starts
+    of = torch.where(keep, block_of[experts], -1)
+    ids = torch.nonzero(of >= 0).squeeze(1)
+    ids = ids[torch.sort(of[ids], stable=True).indices]  # by block, ascending within
+    counts = torch.bincount(of[ids], minlength=len(blocks)).tolist()
+    return list(zip(ids.split(counts), slot[experts[ids]].split(counts), strict=True))
 
 
 def _experts_per_block(p: int, acc: torch.dtype) -> int:
-    """Experts whose ``[n, P]`` sums (and a round's gathered rows) fit in about ``_BLOCK_BYTES``, summed
-    side by side; one expert at a time for long rows."""
-    return max(1, _BLOCK_BYTES // (p * acc.itemsize))
-
-
-def _blocks(lists: dict[int, list[int]], p: int, acc: torch.dtype) -> list[list[int]]:
-    """The experts of ``lists`` (expert -> its rows), most rows first, a block at a time."""
-    order = sorted(lists, key=lambda e: len(lists[e]), reverse=True)
-    step = _experts_per_block(p, acc)
-    return [order[lo : lo + step] for lo in range(0, len(order), step)]
+    """Experts summed side by side: as many as keep their ``[n, P]`` sums within ``_BLOCK_BYTES`` (and a
+    round's gathered rows: one expert at a time for long rows), ``_TILED_BLOCK_BYTES`` for short rows
+    (``_per_row``)."""
+    return max(1, (_BLOCK_BYTES if _per_row(p, acc) else _TILED_BLOCK_BYTES) // (p * acc.itemsize))
 
 
 def _index(ids: list[int], device: torch.device) -> slice | torch.Tensor:
@@ -294,20 +317,61 @@ def _take(t: torch.Tensor, at: slice | torch.Tensor) -> torch.Tensor:
     return t[at] if isinstance(at, slice) else t.index_select(0, at)
 
 
-def _sum_rows(sums: torch.Tensor, rows: torch.Tensor, lists: list[list[int]], coef: torch.Tensor) -> None:
-    """``sums[j] += coef[r] * rows[r]`` (``coef``: [M, 1]) for the rows ``r`` of ``lists[j]`` in order;
-    ``lists`` run from the longest to the shortest. Round ``k`` adds the ``k``-th row of every list that
-    has one (a prefix of ``sums``) with one ``addcmul_`` (a fused multiply-add where torch's CPU kernel
-    has one), on a view of the row where the round has one, else on the round's rows gathered."""
-    rounds = [[r for r in ids if r is not None] for ids in itertools.zip_longest(*lists)]
-    order = torch.tensor([r for ids in rounds for r in ids], dtype=torch.int64, device=rows.device)
+def _per_row(p: int, acc: torch.dtype) -> bool:
+    """Whether rows of ``p`` values are summed one per torch call (``_sum_rounds``: rows of at least
+    ``_ROUND_BYTES`` in the accumulation dtype), else a tile of rows per call (``_sum_tiles``). A function
+    of the row length alone, so that a batch and its rows streamed in any pieces take the same path."""
+    return p * acc.itemsize >= _ROUND_BYTES
+
+
+def _sum_rows(
+    sums: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor
+) -> None:
+    """``sums[slots[i]] += coef[ids[i]] * rows[ids[i]]`` (``coef``: [M, 1]) in ascending ``ids``
+    (``_block_rows``; ``slots`` run from the expert with the most rows to the one with the fewest):
+    ``_sum_rounds`` or ``_sum_tiles`` (``_per_row``)."""
+    if ids.numel():
+        (_sum_rounds if _per_row(rows.shape[1], sums.dtype) else _sum_tiles)(sums, rows, ids, slots, coef)
+
+
+def _sum_rounds(
+    sums: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor
+) -> None:
+    """Long rows: round ``k`` adds the ``k``-th row of every slot that has one (a prefix of ``sums``) with
+    one ``addcmul_`` (a fused multiply-add where torch's CPU kernel has one), on a view of the row where
+    the round has one, else on the round's rows gathered."""
+    lists = [[] for _ in range(int(slots.max()) + 1)]
+    for r, j in zip(ids.tolist(), slots.tolist(), strict=True):  # long rows: few of them
+        lists[j].append(r)
+    rounds = [[r for r in rs if r is not None] for rs in itertools.zip_longest(*lists)]
+    first = [r for rs in rounds for r in rs]
+    order, sizes = torch.tensor(first, dtype=torch.int64, device=rows.device), [len(rs) for rs in rounds]
     c = coef.index_select(0, order)
     lo = 0
-    for ids in rounds:
-        n = len(ids)
-        x = rows[ids[0] : ids[0] + 1] if n == 1 else rows.index_select(0, order[lo : lo + n])
+    for n in sizes:
+        x = rows[first[lo] : first[lo] + 1] if n == 1 else rows.index_select(0, order[lo : lo + n])
         sums[:n].addcmul_(x, c[lo : lo + n])
         lo += n
+
+
+def _sum_tiles(
+    sums: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor
+) -> None:
+    """Short rows: a tile of rows (about ``_CHUNK_BYTES``) at a time is scaled into a reused buffer in the
+    dtype of ``sums`` (``c * row`` rounded) and added to the sums with one ``index_add_`` (sequential in
+    row order). Tiles are slices of ``rows`` when ``ids`` are every row, else gathered into a reused
+    buffer."""
+    m, p = rows.shape
+    count = ids.numel()
+    whole = count == m  # every row, ascending
+    c = coef.index_select(0, ids)
+    step = max(1, _CHUNK_BYTES // (p * sums.element_size()))
+    tile = torch.empty((min(step, count), p), dtype=sums.dtype, device=rows.device)
+    gather = None if whole else torch.empty((min(step, count), p), dtype=rows.dtype, device=rows.device)
+    for lo in range(0, count, step):
+        hi = min(count, lo + step)
+        x = rows[lo:hi] if whole else torch.index_select(rows, 0, ids[lo:hi], out=gather[: hi - lo])
+        sums.index_add_(0, slots[lo:hi], torch.mul(x, c[lo:hi], out=tile[: hi - lo]))
 
 
 def _finish_factors(
@@ -350,21 +414,22 @@ def _weight_sums(
 
 
 def _torch_experts(
-    lists: dict[int, list[int]], rows: torch.Tensor, coef: torch.Tensor, wsum: torch.Tensor,
+    experts: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor, wsum: torch.Tensor,
     csum: torch.Tensor, lr: float, base: torch.Tensor, out: torch.Tensor, check: bool,
 ) -> list[int]:
-    """A block of experts of ``lists`` (expert -> its rows) at a time: their sums of ``coef * row``
-    (``_sum_rows``), then the new values of those whose weight sum is positive (``_finish``). With
-    ``check``, the experts whose sums are not finite are left as they are and returned."""
+    """A block of the experts of the rows that ``keep`` holds at a time: their sums of ``coef * row``
+    over those rows (``_sum_rows``), then the new values of those whose weight sum is positive
+    (``_finish``). With ``check``, the experts whose sums are not finite are left as they are and
+    returned."""
     factor, neg_c = _finish_factors(wsum, csum, lr, coef.dtype)
     positive = (wsum > 0).tolist()
-    p = base.shape[1]
-    blocks = _blocks(lists, p, coef.dtype)
+    num_experts, p = base.shape
+    blocks = _blocks(experts, keep, num_experts, p, coef.dtype)
     block = torch.empty((len(blocks[0]) if blocks else 0, p), dtype=coef.dtype, device=base.device)
     failed = []
-    for group in blocks:
+    for group, (ids, slots) in zip(blocks, _block_rows(experts, keep, blocks, num_experts), strict=True):
         sums = block[: len(group)].zero_()
-        _sum_rows(sums, rows, [lists[e] for e in group], coef[:, None])
+        _sum_rows(sums, rows, ids, slots, coef[:, None])
         finite = torch.isfinite(sums.sum(dim=1)).tolist() if check else [True] * len(group)
         failed += [e for e, f in zip(group, finite, strict=True) if not f]
         write = [j for j, e in enumerate(group) if finite[j] and positive[e]]
@@ -392,16 +457,16 @@ def _torch_aggregate(
         ok, coef = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device), wscaled.to(acc)
     else:
         ok, coef = _torch_verdicts(rows, experts, wscaled, base, acc, max_norm)
-    lists = _row_lists(experts, ok)
     wsum, csum = _weight_sums(experts, ok, wscaled, coef, num_experts)
-    failed = _torch_experts(lists, rows, coef, wsum, csum, lr, base, out, check=optimistic)
+    failed = _torch_experts(experts, ok, rows, coef, wsum, csum, lr, base, out, check=optimistic)
     if failed:
-        suspect = [r for e in failed for r in lists[e]]
+        again = torch.zeros(num_experts, dtype=torch.bool, device=rows.device)
+        again[failed] = True
+        again = again[experts]  # the rows of the failed experts (all taken as accepted so far)
+        suspect = torch.nonzero(again).squeeze(1).tolist()
         ok[suspect] = torch.stack([torch.isfinite(rows[r]).all() for r in suspect])
-        accepted = ok.tolist()
-        lists = {e: [r for r in lists[e] if accepted[r]] for e in failed}
         wsum, csum = _weight_sums(experts, ok, wscaled, coef, num_experts)
-        _torch_experts(lists, rows, coef, wsum, csum, lr, base, out, check=False)
+        _torch_experts(experts, ok & again, rows, coef, wsum, csum, lr, base, out, check=False)
     _keep_base(out, base, wsum == 0)  # no rows, zero weights, or every row rejected
     return ok, wsum
 
@@ -541,11 +606,12 @@ class Accumulator:
             ok, coef = _torch_verdicts(rows, experts, wscaled, self._base, sums.dtype, self._max_norm)
             self._wsum.index_add_(0, experts, torch.where(ok, wscaled, 0.0))
             self._csum.index_add_(0, experts, coef.to(torch.float64))
-            lists = _row_lists(experts, ok)
-            for group in _blocks(lists, sums.shape[1], sums.dtype):
+            blocks = _blocks(experts, ok, self.num_experts, sums.shape[1], sums.dtype)
+            placed = _block_rows(experts, ok, blocks, self.num_experts)
+            for group, (ids, slots) in zip(blocks, placed, strict=True):
                 at = _index(group, rows.device)
                 block = _take(sums, at)  # a view of one expert's sums, else a gather written back
-                _sum_rows(block, rows, [lists[e] for e in group], coef[:, None])
+                _sum_rows(block, rows, ids, slots, coef[:, None])
                 if not isinstance(at, slice):
                     sums.index_copy_(0, at, block)
         else:

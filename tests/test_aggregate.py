@@ -71,10 +71,20 @@ def clip_norm(p: int) -> float:
 # ---------------------------------------------------------------- against the reference
 
 
+PATHS = {"rounds": 0, "tiles": 1 << 62}  # _ROUND_BYTES: every row one per call; every row in tiles
+
+
+@pytest.fixture(params=list(PATHS))
+def torch_path(request, monkeypatch):
+    """Force the torch path's per-row rounds or its tiles, whatever the row length."""
+    monkeypatch.setattr(aggregation, "_ROUND_BYTES", PATHS[request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("e", [1, 8, 256])
 @pytest.mark.parametrize("p", [1, 7, 1000, 4099])
 @pytest.mark.parametrize("m", [0, 1, 5, 300])
-def test_torch_matches_reference(m, p, e):
+def test_torch_matches_reference(m, p, e, torch_path):
     dtype = [torch.float32, torch.float16, torch.bfloat16][(m + p + e) % 3]
     rows, experts, weights, base = make_case(m, p, e, dtype=dtype, seed=m + p + e)
     for kw in ({}, dict(max_norm=clip_norm(p), lr=0.5)):
@@ -329,19 +339,22 @@ def assert_same(res: AggregateResult, other: AggregateResult) -> None:
     huge_value=st.sampled_from([3e38, 1e39]),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
     block=st.sampled_from(BLOCKS),
+    path=st.sampled_from(list(PATHS)),
     lr=st.sampled_from([1.0, 0.5]),
     seed=st.integers(0, 2**16),
 )
-def test_sums_first_equal_verdicts_first(m, p, e, bad, zero, huge, huge_value, dtype, block, lr, seed):
+def test_sums_first_equal_verdicts_first(m, p, e, bad, zero, huge, huge_value, dtype, block, path, lr, seed):
     """Non-finite values anywhere, zero weights, huge rows (finite float32 whose sums overflow, or beyond
-    float32 and so rejected): the batch (out of place and in place) gives the bits of the verdicts-first
-    path and of the streaming form, and rejects exactly the rows not finite in float32."""
+    float32 and so rejected): on either path (rounds, tiles), the batch (out of place and in place) gives the
+    bits of the verdicts-first path and of the streaming form, and rejects exactly the rows not finite in
+    float32."""
     rows, experts, weights, base = make_case(m, p, e, dtype=dtype, seed=seed, bad_rows=False)
     for r, c, value in bad:
         rows[r % m, c % p] = value
     weights[[r % m for r in zero]] = 0.0
     rows[[r % m for r in huge]] = torch.tensor(huge_value, dtype=torch.float64).to(dtype)  # may be inf
-    with mock.patch.object(aggregation, "_BLOCK_BYTES", block):
+    blocks = dict(_BLOCK_BYTES=block, _TILED_BLOCK_BYTES=block, _ROUND_BYTES=PATHS[path])
+    with mock.patch.multiple(aggregation, **blocks):
         res = aggregate(rows, experts, weights, e, base, lr=lr, backend="torch")
         assert_same(res, verdicts_first(rows, experts, weights, e, base, lr=lr))
         bank = base.clone()
@@ -354,6 +367,55 @@ def test_sums_first_equal_verdicts_first(m, p, e, bad, zero, huge, huge_value, d
     assert torch.equal(res.rejected, torch.bincount(experts[bad_rows], minlength=e))
     if not huge:
         check(res, rows, experts, weights, base, lr=lr)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(0, 60),
+    p=st.integers(1, 50),
+    e=st.integers(1, 8),
+    block=st.sampled_from(BLOCKS),
+    chunk=st.sampled_from([1, 200, 1 << 20]),  # bytes of a tile: one row, a few, every row
+    max_norm=st.sampled_from([None, 0.3]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_rounds_and_tiles_agree(m, p, e, block, chunk, max_norm, dtype, seed):
+    """The two torch paths add the same terms in the same order: counts and weight sums are identical, the
+    bank equal to the rounding of the last step (a fused multiply-add or not), both match the reference,
+    and each path's bits do not depend on the block or tile size."""
+    rows, experts, weights, base = make_case(m, p, e, dtype=dtype, seed=seed)
+    base_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    base = base.to(base_dtype)
+    results = {}
+    for path, round_bytes in PATHS.items():
+        args = (rows, experts, weights, e, base)
+        with mock.patch.object(aggregation, "_ROUND_BYTES", round_bytes):
+            res = aggregate(*args, max_norm=max_norm, backend="torch")
+            sizes = dict(_BLOCK_BYTES=block, _TILED_BLOCK_BYTES=block, _CHUNK_BYTES=chunk)
+            with mock.patch.multiple(aggregation, **sizes):
+                assert_same(res, aggregate(*args, max_norm=max_norm, backend="torch"))
+        check(res, rows, experts, weights, base, max_norm=max_norm)
+        results[path] = res
+    rounds, tiles = results["rounds"], results["tiles"]
+    assert torch.equal(rounds.accepted, tiles.accepted) and torch.equal(rounds.rejected, tiles.rejected)
+    assert torch.equal(rounds.weight_sum, tiles.weight_sum)
+    tol = TOL[base_dtype]
+    torch.testing.assert_close(rounds.bank, tiles.bank, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("p,path", [(8, "_sum_tiles"), (1 << 16, "_sum_rounds")])
+def test_path_follows_row_length(monkeypatch, p, path):
+    """Short rows are summed in tiles, rows of ``_ROUND_BYTES`` or more one per call, in the batch and the
+    streaming form alike."""
+    calls = []
+    for name in ("_sum_tiles", "_sum_rounds"):
+        fn = getattr(aggregation, name)
+        monkeypatch.setattr(aggregation, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    rows, experts, weights, base = make_case(6, p, 2, seed=23)
+    aggregate(rows, experts, weights, 2, base, backend="torch")
+    Accumulator(base, backend="torch").add(rows, experts, weights)
+    assert calls and set(calls) == {path}
 
 
 @pytest.mark.parametrize("p", [64, 40_000])  # several experts per block; one
