@@ -8,10 +8,13 @@
   error-free reference, at the default 4 s deadline and a tight 2.5 s one. Per round: the share of
   assigned clients that missed the deadline or failed for memory, the client-expert pairs assigned, and
   the server's time-estimate error (median ``|log(estimated / true round time)|``).
-* ``drift``: from round 20 half of the clients' labels shift; greedy and load-balanced without drift
-  handling (``stale``), with the drift detector resetting a fired client's fitness row (``reset``,
-  threshold 2; ``reset-t4``: threshold 4) or halving its deviation from the prior (``decay``, shrink 0.5);
-  and without drift, with the detector off and on (its false alarms must not cost accuracy).
+* ``drift``: from round 20 half of the clients move to a disjoint label set (where one exists); greedy
+  and load-balanced without drift handling (``stale``), with the drift detector (on the feedback measured
+  before local training, threshold 3) resetting a fired client's fitness row (``detector``), and with the
+  fitness following the before-training feedback (``before``); the same without drift (the detector's
+  false alarms must not cost accuracy; is the before-training signal the better fitness?); and random
+  alignment under drift (a reference that uses no fitness at all). Per run: accuracy after the drift,
+  the detector's firing rate per report before the drift, and after it for drifted and other clients.
 
 All on digits, Dirichlet(0.1), 20 clients (10 per round), 8 experts, heterogeneous tiers, 4 s deadline,
 40 rounds, 3 seeds.
@@ -37,12 +40,20 @@ import numpy as np
 import torch
 from machine import machine_info
 
-from fedmoe.federated import FederatedConfig, compare_configs, rounds_to_target, summarize
+from fedmoe.federated import (
+    FederatedConfig,
+    FederatedRun,
+    compare_configs,
+    load_checkpoint,
+    rounds_to_target,
+    summarize,
+)
 from fedmoe.plots import plot_accuracy, plot_curves
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("dropout", "capacity", "drift")
-_THRESHOLD = 2.0
+_THRESHOLD = 3.0
+_WINDOW = 5  # rounds after the drift in which a detection counts
 
 
 def variants(part: str, base: FederatedConfig, drift_round: int) -> dict[str, FederatedConfig]:
@@ -62,14 +73,22 @@ def variants(part: str, base: FederatedConfig, drift_round: int) -> dict[str, Fe
         return out
     out = {}
     for s in ("greedy", "load-balanced"):
-        drifting = base.replace(strategy=s, drift_round=drift_round)
-        out.update({f"{s}-stale": drifting, f"{s}-reset": drifting.replace(drift_threshold=_THRESHOLD),
-                    f"{s}-decay": drifting.replace(drift_threshold=_THRESHOLD, drift_shrink=0.5),
-                    f"{s}-nodrift": base.replace(strategy=s),
-                    f"{s}-nodrift-detector": base.replace(strategy=s, drift_threshold=_THRESHOLD),
-                    f"{s}-reset-t4": drifting.replace(drift_threshold=4.0),
-                    f"{s}-nodrift-detector-t4": base.replace(strategy=s, drift_threshold=4.0)})
+        for arm, plain in (("stale", base.replace(strategy=s, drift_round=drift_round)),
+                           ("nodrift", base.replace(strategy=s))):
+            stem = f"{s}-nodrift" if arm == "nodrift" else s
+            out.update({f"{s}-{arm}": plain, f"{stem}-detector": plain.replace(drift_threshold=_THRESHOLD),
+                        f"{stem}-before": plain.replace(fitness_signal="before")})
+    out["random-drift"] = base.replace(strategy="random", drift_round=drift_round)
     return out
+
+
+def baseline(name: str) -> str | None:
+    """The drift arm that ``name`` is paired with: same strategy and data, detector off, fitness after
+    training (None for such an arm itself)."""
+    head, _, variant = name.rpartition("-")
+    if variant not in ("detector", "before"):
+        return None
+    return head if head.endswith("nodrift") else f"{head}-stale"
 
 
 def share(record: dict, reason: str | None = None) -> float:
@@ -88,17 +107,58 @@ def mean_std(values) -> list:
 
 
 def drift_figures(run: dict, drift_round: int) -> dict:
-    """Accuracy before the drift (mean of the 3 rounds before), its lowest in the 5 rounds after, rounds
-    after the drift until accuracy is back at the pre-drift level, detector resets before and after."""
-    acc = [r["accuracy"] for r in run["rounds"]]
+    """Accuracy before the drift (mean of the 3 rounds before), its mean over the rounds from the drift on,
+    its lowest in the 5 rounds after, rounds after the drift until it is back at the pre-drift level;
+    the detector's resets per report (accepted client) before the drift and, in the ``_WINDOW`` rounds
+    from it, of the drifted and of the other clients (None where no such report)."""
+    rounds = run["rounds"]
+    acc = [r["accuracy"] for r in rounds]
     before = statistics.fmean(acc[max(drift_round - 3, 0):drift_round])
-    back = rounds_to_target(acc[drift_round:], before)
-    resets = [len(r["drift_reset"]) for r in run["rounds"]]
-    return {"pre_drift": before, "post_drift_min": min(acc[drift_round:drift_round + 5]), "recovery": back,
-            "resets_before": sum(resets[:drift_round]), "resets_after": sum(resets[drift_round:])}
+    drifted = set(run["clients"]["drifted"])
+
+    def rate(lo: int, hi: int, clients) -> float | None:
+        reports = sum(c in clients for r in rounds[lo:hi] for c in r["accepted"])
+        fired = sum(c in clients for r in rounds[lo:hi] for c in r["drift_reset"])
+        return fired / reports if reports else None
+
+    everyone = range(len(run["clients"]["samples"]))
+    after = drift_round + _WINDOW
+    return {"pre_drift": before, "after_drift": statistics.fmean(acc[drift_round:]),
+            "post_drift_min": min(acc[drift_round:after]),
+            "recovery": rounds_to_target(acc[drift_round:], before),
+            "fire_rate_before": rate(0, drift_round, everyone),
+            "fire_rate_drifted": rate(drift_round, after, drifted),
+            "fire_rate_other": rate(drift_round, after, set(everyone) - drifted)}
 
 
-def part_report(part: str, results: dict[str, list[dict]], drift_round: int) -> dict:
+@torch.no_grad()
+def expert_shift(config: FederatedConfig, checkpoint: Path) -> dict:
+    """At the end of a drifting run (its checkpoint): the accuracy of every single expert (the gate masked
+    to it) on each drifted client's data before and after the drift. Returns, over the drifted clients, the
+    mean spread of that accuracy across experts, the share whose best expert changed, the mean correlation
+    of the per-expert accuracies before and after, and the mean accuracy before and after."""
+    run = FederatedRun(config)
+    run.load_state_dict(load_checkpoint(checkpoint))
+    model, sim, e = run.server.model, run.simulation, config.num_experts
+    model.eval()
+    acc = np.empty((2, len(sim.drifted), e))
+    for i, client in enumerate(sorted(sim.drifted)):
+        for t, round_ in enumerate((0, config.drift_round)):
+            x, y = sim.data(client, round_)
+            for j in range(e):
+                model.moe.set_expert_mask(torch.arange(e) == j)
+                acc[t, i, j] = float((model(x)[0].argmax(1) == y).double().mean())
+    model.moe.set_expert_mask(None)
+    corr = [np.corrcoef(old, new)[0, 1] for old, new in zip(*acc, strict=True)]
+    return {"spread": float(np.ptp(acc, axis=2).mean()), "best_changed": float(np.mean(
+        acc[0].argmax(1) != acc[1].argmax(1))), "correlation": float(np.nanmean(corr)),
+        "accuracy_before": float(acc[0].mean()), "accuracy_after": float(acc[1].mean())}
+
+
+def part_report(part: str, results: dict[str, list[dict]], drift_round: int, run_dir: Path) -> dict:
+    """Per variant, mean ± std over seeds of the part's figures; drift arms are paired with their
+    :func:`baseline` by seed, and stale ones get :func:`expert_shift` from their checkpoints in
+    ``run_dir``."""
     summary = summarize(results)
     table = {}
     for name, runs in results.items():
@@ -123,16 +183,27 @@ def part_report(part: str, results: dict[str, list[dict]], drift_round: int) -> 
                              dtype=np.float64)
             row["pairs_first5"] = mean_std(pairs[:, :5].mean(1).tolist())
             row["pairs_last10"] = mean_std(pairs[:, -10:].mean(1).tolist())
-        if part == "drift" and "nodrift" not in name:
+        if part == "drift":
             figures = [drift_figures(run, drift_round) for run in runs]
             row.update({key: [f[key] for f in figures] for key in figures[0]})
+            row["after_drift_mean"] = mean_std(row["after_drift"])
             row["recovered"] = f"{sum(f['recovery'] is not None for f in figures)}/{len(figures)}"
             error = np.array([[r["fitness_error"] or 0.0 for r in rs] for rs in rounds])
             before = error[:, max(drift_round - 5, 0):drift_round]
             row["fitness_error_before"] = mean_std(before.mean(1).tolist())
             row["fitness_error_after"] = mean_std(error[:, drift_round:drift_round + 5].mean(1).tolist())
-        if part == "drift" and "nodrift" in name:
-            row["resets"] = [sum(len(r["drift_reset"]) for r in rs) for rs in rounds]
+            if name.endswith("-stale"):
+                shifts = [expert_shift(FederatedConfig.from_dict(run["config"]),
+                                       run_dir / f"{name}-seed{run['config']['seed']}.pt") for run in runs]
+                row["expert_shift"] = {k: mean_std([s[k] for s in shifts]) for k in shifts[0]}
+            if (reference := baseline(name)) is not None:  # paired by seed (same seed order)
+                last5 = [[statistics.fmean(r["accuracy"] for r in run["rounds"][-5:]) for run in results[k]]
+                         for k in (name, reference)]
+                after = [[drift_figures(run, drift_round)["after_drift"] for run in results[k]]
+                         for k in (name, reference)]
+                row["paired_vs"] = reference
+                row["paired_after_drift"] = mean_std(np.subtract(*after).tolist())
+                row["paired_last5"] = mean_std(np.subtract(*last5).tolist())
         table[name] = row
     return table
 
@@ -157,10 +228,10 @@ def plot_part(part: str, results: dict[str, list[dict]], stem: str, drift_round:
             curves = {k: [[r["accuracy"] for r in run["rounds"]] for run in runs] for k, runs in mine.items()}
             plot_curves(curves, f"{prefix}_{strategy}_accuracy.png", ylabel="test accuracy",
                         vline=drift_round + 0.5, vline_label="drift",
-                        title=f"{strategy}: half the clients' labels shift at round {drift_round + 1}")
+                        title=f"{strategy}: half the clients move to new labels at round {drift_round + 1}")
         curves = {k: [[r["fitness_error"] or 0.0 for r in run["rounds"]] for run in runs]
                   for k, runs in results.items() if "nodrift" not in k}
-        plot_curves(curves, f"{prefix}_fitness_error.png", ylabel="mean |feedback - fitness|",
+        plot_curves(curves, f"{prefix}_fitness_error.png", ylabel="mean |feedback before training - fitness|",
                     vline=drift_round + 0.5, vline_label="drift", legend="upper right",
                     title="How stale the fitness is: error on the pairs trained each round")
 
@@ -195,7 +266,7 @@ def main() -> None:
         configs = variants(part, base, args.drift_round)
         results = compare_configs(configs, seeds, args.work / stem / part, workers=args.workers,
                                   resume=args.resume)
-        table = part_report(part, results, args.drift_round)
+        table = part_report(part, results, args.drift_round, args.work / stem / part / "runs")
         report["parts"][part] = {"configs": {k: c.to_dict() for k, c in configs.items()}, "seeds": seeds,
                                  "drift_round": args.drift_round, "results": table,
                                  "wall_seconds": time.perf_counter() - start}

@@ -13,7 +13,9 @@ Messages (record names in quotes):
   by name plus ``expert_rows`` [k, P], the assigned rows of the expert bank) and ``"config"``
   {``experts`` (their ids), ``round``, ``seed``, ``server-round``}; node -> server ``"arrays"`` (same
   keys, trained), ``"config"`` {``experts``} and ``"metrics"`` {``num-examples``, ``train-loss`` and the
-  per-expert feedback lists ``share``, ``loss``, ``accuracy``, ``samples``}.
+  per-expert feedback lists ``share``, ``loss``, ``accuracy``, ``samples`` measured after local training,
+  and the same measured before it as ``before-share``, ``before-loss``, ``before-accuracy``,
+  ``before-samples``}.
 
 The node of a fedmoe client is the node whose ``node_config`` has ``partition-id`` = client (Flower's
 simulation engine sets it; SuperNodes get ``--node-config "partition-id=0 num-partitions=2"``). Both
@@ -75,6 +77,7 @@ PROFILE_KEYS = {"compute-flops": "compute", "memory-bytes": "memory", "bandwidth
                 "latency-s": "latency", "reliability": "reliability"}
 EXPERT_ROWS = "expert_rows"
 _FEEDBACK = ("share", "loss", "accuracy", "samples")
+_BEFORE = "before-"  # key prefix of the feedback measured before local training
 _OUT = "out"  # run config key of the ServerApp's output directory ("" = none)
 _COST = "fedmoe-model-cost"  # ConfigRecord in a node's Context.state
 
@@ -122,6 +125,17 @@ def _unpack(model: MoEClassifier, arrays: ArrayRecord, rows: bool = True):
     if rows and EXPERT_ROWS not in arrays:
         raise ValueError(f"arrays lack {EXPERT_ROWS!r}")
     return torch.cat(parts), torch.from_numpy(arrays[EXPERT_ROWS].numpy()) if rows else None
+
+
+def _pack_feedback(feedback: ExpertFeedback, prefix: str = "") -> dict[str, list]:
+    """MetricRecord entries of ``feedback``: ``prefix + field`` -> per-expert list."""
+    return {prefix + k: getattr(feedback, k).tolist() for k in _FEEDBACK}
+
+
+def _unpack_feedback(metrics: MetricRecord, prefix: str = "") -> ExpertFeedback:
+    """The :class:`ExpertFeedback` of :func:`_pack_feedback` entries (a missing key raises KeyError)."""
+    return ExpertFeedback(*(np.asarray(metrics[prefix + k], np.int64 if k == "samples" else np.float64)
+                            for k in _FEEDBACK))
 
 
 # ---------------------------------------------------------------------- server side
@@ -258,10 +272,9 @@ class FedMoEStrategy(Strategy):
             arrays, config = content.array_records["arrays"], content.config_records["config"]
             metrics = content.metric_records["metrics"]
             shared, rows = _unpack(self.server.model, arrays)
-            feedback = ExpertFeedback(*(np.asarray(metrics[k], np.int64 if k == "samples" else np.float64)
-                                        for k in _FEEDBACK))
             update = ClientUpdate(client, np.asarray(config["experts"], dtype=np.int64), shared, rows,
-                                  metrics["num-examples"], metrics["train-loss"], feedback)
+                                  metrics["num-examples"], metrics["train-loss"], _unpack_feedback(metrics),
+                                  _unpack_feedback(metrics, _BEFORE))
         except (KeyError, ValueError, TypeError) as exc:
             return ClientReply(client, None, math.nan, f"malformed reply: {type(exc).__name__}: {exc}")
         return ClientReply(client, update, seconds)
@@ -435,9 +448,8 @@ def _train(msg: Message, context: Context) -> Message:
     experts = np.asarray(config["experts"], dtype=np.int64)
     payload = ClientPayload(int(config["round"]), client, experts, shared, rows, int(config["seed"]))
     update = run.train(payload, *run.simulation.data(client, payload.round))
-    fb = update.feedback
     metrics = {"num-examples": update.num_samples, "train-loss": float(update.train_loss),
-               **{k: getattr(fb, k).tolist() for k in _FEEDBACK}}
+               **_pack_feedback(update.feedback), **_pack_feedback(update.feedback_before, _BEFORE)}
     content = RecordDict({"arrays": _pack(run.workspace, update.shared, update.expert_rows),
                           "config": ConfigRecord({"experts": update.experts.tolist()}),
                           "metrics": MetricRecord(metrics)})

@@ -34,10 +34,11 @@ MODEL = ModelCost(base_bytes=50e6, expert_bytes=10e6, base_flops=1e9, expert_flo
 
 
 def profiles_with_fit(fit, *, bandwidth=None, margin=0.2) -> CapacityProfile:
-    """Profiles whose ``experts_fit`` is exactly ``fit`` (int [N])."""
+    """Profiles whose ``experts_fit`` is exactly ``fit`` (int [N]; 0: not even one expert fits without
+    the margin)."""
     fit = np.asarray(fit)
     n = fit.size
-    memory = (MODEL.base_bytes + (fit + 0.5) * MODEL.expert_bytes) * (1 + margin)
+    memory = (MODEL.base_bytes + (fit + 0.5) * MODEL.expert_bytes) * np.where(fit > 0, 1 + margin, 1.0)
     return CapacityProfile(
         compute=np.full(n, 1e12), memory=memory,
         bandwidth=np.full(n, 1e7) if bandwidth is None else bandwidth,
@@ -263,6 +264,19 @@ def test_profile_cost_model():
         assert np.all((p.round_time(k) * 1.2 <= deadline) | (k == 0))  # k experts fit (or none do)
         assert np.all(p.round_time(k + 1) * 1.2 > deadline)  # k + 1 do not
     assert p.experts_within(50.0)[0] == 0  # even the shared model alone misses a 50 s deadline at 1 MB/s
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.5, 3.0, 100.0])
+def test_safety_margin_never_shuts_out_a_client_that_holds_one_expert(margin):
+    memory = MODEL.base_bytes + np.array([0.5, 1.0, 1.5, 2.0, 4.5, 40.0]) * MODEL.expert_bytes
+    p = CapacityProfile(compute=np.full(6, 1e12), memory=memory, bandwidth=np.full(6, 1e7),
+                        latency=np.full(6, 0.05), reliability=np.full(6, 0.9), samples=np.full(6, 10.0),
+                        model=MODEL, config=ProfileConfig(safety_margin=margin))
+    bare = np.array([0, 1, 1, 2, 4, 40])
+    margined = np.floor((memory / (1 + margin) - MODEL.base_bytes) / MODEL.expert_bytes).clip(0)
+    np.testing.assert_array_equal(p.experts_fit(), np.maximum(margined, np.minimum(bare, 1)))
+    assert p.experts_fit()[0] == 0 and np.all(p.experts_fit()[1:] >= 1)  # held one without the margin
+    assert np.all(p.experts_fit() <= bare)  # the margin still only ever takes experts away
 
 
 def test_profile_estimates_from_observed_rounds():

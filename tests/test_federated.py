@@ -140,6 +140,26 @@ def test_feedback_follows_the_masked_gate(digits):
     np.testing.assert_allclose(pair.fitness(), pair.share * pair.accuracy)
 
 
+def test_feedback_before_is_measured_with_the_received_weights_on_the_current_labels(digits):
+    run = FederatedRun(CFG, digits)
+    x, y = run.simulation.x[1], run.simulation.y[1]
+    payload = _payload(run, 1, [0, 3])
+    trained = train_client(run.workspace, payload, x, y, TrainConfig())
+    # before training: independent of the local training (seed, learning rate), unlike the feedback after
+    other = train_client(run.workspace, dataclasses.replace(payload, seed=9), x, y, TrainConfig(lr=0.3))
+    for field in ("share", "loss", "accuracy", "samples"):
+        np.testing.assert_array_equal(getattr(other.feedback_before, field),
+                                      getattr(trained.feedback_before, field))
+    assert not np.array_equal(other.feedback.loss, trained.feedback.loss)
+    # a vanishing step leaves the weights as received: after == before
+    still = train_client(run.workspace, payload, x, y, TrainConfig(lr=1e-12, momentum=0.0))
+    np.testing.assert_allclose(still.feedback.fitness(), still.feedback_before.fitness(), atol=1e-6)
+    # it sees the labels: same inputs, other labels, same routing, other accuracy
+    moved = train_client(run.workspace, payload, x, (y + 1) % digits.num_classes, TrainConfig())
+    np.testing.assert_array_equal(moved.feedback_before.share, trained.feedback_before.share)
+    assert not np.allclose(moved.feedback_before.accuracy, trained.feedback_before.accuracy)
+
+
 def test_gate_affinity_is_the_mean_router_distribution(digits):
     run = FederatedRun(CFG, digits)
     affinity = gate_affinity(run.workspace, shared_vector(run.server.model), run.simulation.x[2])
@@ -215,6 +235,28 @@ def test_aggregate_leaves_faulty_replies_out_and_reports_them(digits):
         server.aggregate(plan, replies)
 
 
+@pytest.mark.parametrize("signal", ["after", "before"])
+def test_fitness_follows_the_configured_signal_and_the_detector_the_one_before_training(digits, signal):
+    run = FederatedRun(CFG.replace(clients_per_round=0, fitness_signal=signal, drift_threshold=1.0), digits)
+    server = run.server
+    plan = server.configure(np.arange(6))
+    updates = {c: run.train(p, run.simulation.x[c], run.simulation.y[c]) for c, p in plan.payloads.items()}
+    old = server.fitness.to_dense().copy()
+    seen = []
+    observe = server.drift.observe
+    server.drift.observe = lambda clients, surprise: seen.append(surprise) or observe(clients, surprise)
+    report = server.aggregate(plan, {c: ClientReply(c, u, 1.0) for c, u in updates.items()})
+    lam = CFG.fitness_ema
+    errors = {}
+    for c, u in updates.items():
+        values = (u.feedback_before if signal == "before" else u.feedback).fitness()
+        want = lam * old[c, u.experts] + (1 - lam) * values
+        np.testing.assert_allclose(server.fitness.to_dense()[c, u.experts], want, rtol=1e-5)
+        errors[c] = np.abs(u.feedback_before.fitness() - old[c, u.experts])
+    np.testing.assert_allclose(seen[0], [errors[c].mean() for c in sorted(errors)], rtol=1e-5)
+    assert report.fitness_error == pytest.approx(np.concatenate(list(errors.values())).mean(), rel=1e-5)
+
+
 def _tripled_share(feedback):
     return dataclasses.replace(feedback, share=3 * feedback.share)
 
@@ -230,6 +272,9 @@ def _tripled_share(feedback):
         (lambda u: dataclasses.replace(u, train_loss=float("nan")), "train_loss"),
         (lambda u: dataclasses.replace(u, feedback=_tripled_share(u.feedback)), "share"),
         (lambda u: dataclasses.replace(u, feedback=None), "ExpertFeedback"),
+        (lambda u: dataclasses.replace(u, feedback_before=_tripled_share(u.feedback_before)),
+         "feedback_before share"),
+        (lambda u: dataclasses.replace(u, feedback_before=None), "feedback_before must be"),
         (lambda u: "garbage", "not a ClientUpdate"),
     ],
 )

@@ -217,8 +217,8 @@ def test_aggregate_filters_faults_and_updates_fitness_and_load_from_metrics():
     by_client = {strategy.nodes[m.metadata.dst_node_id]: m.metadata.dst_node_id for m in messages}
     assert sorted(by_client) == [0, 1, 2, 3]
 
-    def drop_metrics(msg, reply):
-        del reply.content.metric_records["metrics"]
+    def drop_feedback_before(msg, reply):
+        del reply.content.metric_records["metrics"]["before-share"]
         return reply
 
     def poison(msg, reply):
@@ -228,7 +228,7 @@ def test_aggregate_filters_faults_and_updates_fitness_and_load_from_metrics():
         return reply
 
     grid.tamper = {by_client[0]: lambda msg, reply: Message(Error(code=1, reason="boom"), reply_to=msg),
-                   by_client[1]: drop_metrics, by_client[2]: poison}
+                   by_client[1]: drop_feedback_before, by_client[2]: poison}
     reference = copy.deepcopy(strategy.server)  # fedmoe's server, to be fed client 3's update only
     bank_before = strategy.server.model.expert_bank.detach().clone()
     replies = grid.send_and_receive(messages)
@@ -248,6 +248,11 @@ def test_aggregate_filters_faults_and_updates_fitness_and_load_from_metrics():
     update = run.train(plan.payloads[3], run.simulation.x[3], run.simulation.y[3])
     reference.aggregate(plan, {3: ClientReply(3, update, 1.0)})
     samples = good.content.metric_records["metrics"]["samples"]
+    for field in ("share", "loss", "accuracy", "samples"):  # both feedbacks travel in the MetricRecord
+        sent = good.content.metric_records["metrics"]
+        np.testing.assert_allclose(sent[field], getattr(update.feedback, field), rtol=1e-12)
+        np.testing.assert_allclose(sent[f"before-{field}"], getattr(update.feedback_before, field),
+                                   rtol=1e-12)
     np.testing.assert_allclose(strategy.server.load.load,
                                np.bincount(trained, weights=samples, minlength=CONFIG.num_experts))
     np.testing.assert_allclose(strategy.server.load.load, reference.load.load)

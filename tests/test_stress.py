@@ -43,6 +43,7 @@ def digits() -> Dataset:
     ({"drift_shrink": 1.0}, ValueError, "drift_shrink"),
     ({"safety_margin": -0.1}, ValueError, "safety_margin"),
     ({"profile_ema": 1.1}, ValueError, "profile_ema"),
+    ({"fitness_signal": "during"}, ValueError, "fitness_signal"),
 ])
 def test_config_names_the_bad_stress_option(changes, error, match):
     with pytest.raises(error, match=match):
@@ -113,9 +114,10 @@ def test_dropout_rate_drops_that_share_of_the_clients(digits):
 
 
 def test_drift_shifts_the_labels_of_a_fraction_of_the_clients_from_its_round_on(digits):
-    run = FederatedRun(CFG.replace(drift_round=3, drift_fraction=0.4), digits)
+    run = FederatedRun(CFG.replace(drift_round=3, drift_fraction=0.4, dirichlet_alpha=0.1), digits)
     sim, classes = run.simulation, digits.num_classes
     assert len(sim.drifted) == 4
+    disjoint = 0
     for c in range(CFG.num_clients):
         x, y = sim.data(c, 2)
         assert x is sim.x[c] and y is sim.y[c]
@@ -126,6 +128,11 @@ def test_drift_shifts_the_labels_of_a_fraction_of_the_clients_from_its_round_on(
         assert x_new.shape == x.shape
         shift = (y_new - y) % classes
         assert torch.all(shift == shift[0]) and 0 < int(shift[0]) < classes
+        old = set(y.tolist())
+        if any(not old & {(k + s) % classes for k in old} for s in range(1, classes)):
+            assert not old & set(y_new.tolist())  # a disjoint label set where one exists
+            disjoint += 1
+    assert disjoint >= 2
     assert not FederatedRun(CFG, digits).simulation.drifted
 
 
@@ -135,7 +142,7 @@ def _without_wall_time(result: dict) -> dict:
 
 def test_a_killed_stress_run_resumes_exactly_with_the_drift_detector_state(digits, tmp_path, monkeypatch):
     config = CFG.replace(rounds=5, drift_round=2, drift_threshold=1.0, capacity_error=0.3, dropout_rate=0.2,
-                         strategy="greedy")
+                         strategy="greedy", fitness_signal="before")
     whole = run_experiment(config, checkpoint=tmp_path / "whole.pt", dataset=digits)
     assert whole["rounds"][-1]["fitness_error"] is not None and "time_error" in whole["rounds"][-1]
     honest = FederatedRun.train

@@ -8,7 +8,8 @@ Cost model of a round in which client ``i`` trains ``k`` experts (:class:`ModelC
 (download and upload of the shared model and the assigned experts, then local training). ``scale_i``
 starts at 1 (the self-reported profile) and follows the observed round times (an EMA of
 observed / predicted), so ``time_i`` blends self-report and measurement. Experts that fit in memory:
-``floor((memory_i / (1 + margin) - base_bytes) / expert_bytes)``; plans use ``(1 + margin)·time_i``.
+``floor((memory_i / (1 + margin) - base_bytes) / expert_bytes)``, but at least 1 where one fits without
+the margin (a margin must not shut a client out); plans use ``(1 + margin)·time_i``.
 Reliability starts at the self-reported value and follows the observed reply rate (EMA).
 """
 
@@ -111,10 +112,13 @@ class CapacityProfile:
         return a, b
 
     def experts_fit(self, clients=None) -> np.ndarray:
-        """int64: how many experts fit in memory next to the shared model (after the safety margin)."""
+        """int64: how many experts fit in memory next to the shared model after the safety margin, but at
+        least 1 where one fits without it (the margin never shuts a client out)."""
         idx = self._clients(clients)
-        usable = self.memory[idx] / (1 + self.config.safety_margin) - self.model.base_bytes
-        return np.maximum(np.floor(usable / self.model.expert_bytes), 0).astype(np.int64)
+        bare = np.floor((self.memory[idx] - self.model.base_bytes) / self.model.expert_bytes)
+        margined = np.floor((self.memory[idx] / (1 + self.config.safety_margin) - self.model.base_bytes)
+                            / self.model.expert_bytes)
+        return np.maximum(margined, np.minimum(bare, 1)).clip(0).astype(np.int64)
 
     def round_time(self, num_experts, clients=None) -> np.ndarray:
         """float64 seconds: estimated round time with ``num_experts`` (scalar or per client) experts."""

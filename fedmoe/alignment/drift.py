@@ -2,15 +2,17 @@
 row forget faster.
 
 When a client's data changes (its label distribution shifts), its fitness row describes the old data: the
-row goes stale and only fades at the normal decay. The detector watches each client's *surprise*: the mean
-absolute difference between the feedback it reports for its trained pairs and the fitness those pairs had
-just before (``|v - F|``). It keeps, per client, EMAs of that surprise (``level``) and of its absolute
-deviation from the level (``spread``), and fires when a report exceeds ``level + threshold·spread``, once
-the client has reported ``warmup`` times since it last fired (a one-sided test in the spirit of an EWMA
-control chart). A fired client's row is pulled towards its prior: ``F <- prior + shrink·(F - prior)``
-(``shrink = 0`` resets it; ``0 < shrink < 1`` is one step of much faster decay), before the round's EMA
-update adds the new feedback. Its level and count restart, so it cannot fire again until it has rebuilt
-its baseline. Works on any :class:`~fedmoe.alignment.fitness.FitnessTable` (dense or lean).
+row goes stale and only fades at the normal decay. The detector watches each client's *surprise*: the
+mean absolute difference between the feedback it reports for its trained pairs and the fitness those
+pairs had just before (``|v - F|``; the federated server passes the feedback measured before local
+training, with the received weights, since only that reacts to a change in the client's data). It keeps,
+per client, EMAs of that surprise (``level``) and of its absolute deviation from the level (``spread``),
+and fires when a report exceeds ``level + threshold·spread``, once the client has reported ``warmup``
+times since it last fired (a one-sided test in the spirit of an EWMA control chart). A fired client's row
+is pulled towards its prior: ``F <- prior + shrink·(F - prior)`` (``shrink = 0`` resets it;
+``0 < shrink < 1`` is one step of much faster decay), before the round's EMA update adds the new
+feedback. Its level and count restart, so it cannot fire again until it has rebuilt its baseline. Works on any
+:class:`~fedmoe.alignment.fitness.FitnessTable` (dense or lean).
 """
 
 from __future__ import annotations

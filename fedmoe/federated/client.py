@@ -64,10 +64,11 @@ class ClientPayload:
 
 @dataclass(frozen=True)
 class ExpertFeedback:
-    """Per assigned expert (arrays [k], aligned with the payload's ``experts``), measured after training
-    on the client's data: ``share`` (float64, its share of the gate's kept top-k choices), ``loss``
-    (float64, mean cross-entropy of the samples routed to it), ``accuracy`` (float64, on those samples;
-    loss and accuracy are 0 where none were routed), ``samples`` (int64, samples routed to it)."""
+    """Per assigned expert (arrays [k], aligned with the payload's ``experts``), measured on the client's
+    data with the gate masked to the assigned experts: ``share`` (float64, its share of the gate's kept
+    top-k choices), ``loss`` (float64, mean cross-entropy of the samples routed to it), ``accuracy``
+    (float64, on those samples; loss and accuracy are 0 where none were routed), ``samples`` (int64,
+    samples routed to it)."""
 
     share: np.ndarray
     loss: np.ndarray
@@ -83,7 +84,9 @@ class ExpertFeedback:
 class ClientUpdate:
     """A client's reply: its trained ``shared`` float32 [S] and ``expert_rows`` float32 [k, P] for
     ``experts`` int64 [k], ``num_samples`` (local training samples), ``train_loss`` (mean loss of the
-    last epoch) and the per-expert ``feedback``."""
+    last epoch), the per-expert ``feedback`` measured after local training and ``feedback_before``, the
+    same measured before it with the received weights (how well the global experts fit the client's
+    current data: it reacts when that data changes)."""
 
     client: int
     experts: np.ndarray
@@ -92,6 +95,7 @@ class ClientUpdate:
     num_samples: int
     train_loss: float
     feedback: ExpertFeedback
+    feedback_before: ExpertFeedback
 
     @property
     def nbytes(self) -> int:
@@ -142,7 +146,8 @@ def gate_affinity(model: MoEClassifier, shared: torch.Tensor, x: torch.Tensor) -
 def train_client(model: MoEClassifier, payload: ClientPayload, x: torch.Tensor, y: torch.Tensor,
                  config: TrainConfig) -> ClientUpdate:
     """Train the shared parameters and the assigned experts on ``x`` float32 [n, C, H, W], ``y`` int64 [n]
-    with the gate masked to the assigned experts; then measure the per-expert feedback."""
+    with the gate masked to the assigned experts; measure the per-expert feedback before (one forward
+    pass with the received weights) and after."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     n = x.shape[0]
@@ -157,12 +162,14 @@ def train_client(model: MoEClassifier, payload: ClientPayload, x: torch.Tensor, 
     mask[torch.from_numpy(experts)] = True
     model.moe.set_expert_mask(mask)
     try:
+        before = _feedback(model, x, y, experts)
         train_loss = _sgd(model, x, y, config, torch.Generator().manual_seed(payload.seed))
         feedback = _feedback(model, x, y, experts)
     finally:
         model.moe.set_expert_mask(None)
     rows = model.expert_bank[torch.from_numpy(experts)].detach().clone()
-    return ClientUpdate(payload.client, experts.copy(), shared_vector(model), rows, n, train_loss, feedback)
+    return ClientUpdate(payload.client, experts.copy(), shared_vector(model), rows, n, train_loss, feedback,
+                        before)
 
 
 def _sgd(model: MoEClassifier, x, y, config: TrainConfig, gen: torch.Generator) -> float:

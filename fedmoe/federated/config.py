@@ -19,9 +19,10 @@ from fedmoe.alignment import (
 )
 from fedmoe.data import PARTITIONS
 
-__all__ = ["CAPACITIES", "FederatedConfig"]
+__all__ = ["CAPACITIES", "FITNESS_SIGNALS", "FederatedConfig"]
 
 CAPACITIES = ("heterogeneous", "uniform")
+FITNESS_SIGNALS = ("after", "before")
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,11 @@ class FederatedConfig:
     the load-balancing loss).
     Alignment: ``strategy`` (a name of :data:`fedmoe.alignment.STRATEGIES`), ``max_experts`` per client,
     desirability weights ``fit_weight`` (alpha) and ``load_weight`` (beta), ``fitness_ema``,
-    ``fitness_decay``, ``load_decay``, ``cold_start`` (score all experts with the initial gate first);
-    drift handling (:class:`fedmoe.alignment.DriftConfig`): ``drift_threshold`` (0 = off) and
+    ``fitness_decay``, ``load_decay``, ``cold_start`` (score all experts with the initial gate first),
+    ``fitness_signal`` (the feedback the fitness EMA follows: measured "after" local training, or "before"
+    it with the received weights);
+    drift handling (:class:`fedmoe.alignment.DriftConfig`, on the feedback measured before training):
+    ``drift_threshold`` (0 = off) and
     ``drift_shrink`` (0 = a fired client's fitness row is reset); capacity profiles
     (:class:`fedmoe.alignment.ProfileConfig`): ``safety_margin`` and ``profile_ema`` (1 = plan with the
     self-reported profiles only, never learn from observed round times).
@@ -82,6 +86,7 @@ class FederatedConfig:
     fitness_decay: float = 0.95
     load_decay: float = 0.9
     cold_start: bool = True
+    fitness_signal: str = "after"
     drift_threshold: float = 0.0
     drift_shrink: float = 0.0
     safety_margin: float = 0.2
@@ -122,6 +127,7 @@ class FederatedConfig:
         _checks.real("momentum", self.momentum, 0.0, 1.0, hi_open=True)
         _checks.real("aux_loss", self.aux_loss, 0.0)
         _choice("strategy", self.strategy, tuple(STRATEGIES))
+        _choice("fitness_signal", self.fitness_signal, FITNESS_SIGNALS)
         _checks.real("availability", self.availability, 0.0, 1.0, lo_open=True)
         _checks.real("corrupt", self.corrupt, 0.0, 1.0)
         _checks.real("dropout_rate", self.dropout_rate, 0.0, 1.0, hi_open=True)

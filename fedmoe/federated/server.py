@@ -62,9 +62,10 @@ class RoundReport:
     ``seconds``: simulated duration (until the last timely reply, or the deadline if one was missed);
     ``expert_samples``: [E] samples routed to each expert in the accepted replies; ``train_loss``: mean
     local loss of the accepted clients (None if none); ``rejected_rows``: expert rows the aggregation
-    kernel refused as non-finite (0 after fault filtering); ``fitness_error``: mean ``|feedback - fitness|``
-    over the accepted pairs before the update (how stale the fitness was; None if none);
-    ``drift_reset``: clients whose fitness row the drift detector pulled back to the prior.
+    kernel refused as non-finite (0 after fault filtering); ``fitness_error``: mean
+    ``|feedback_before - fitness|`` over the accepted pairs before the update (how stale the fitness is on
+    the clients' current data; None if none); ``drift_reset``: clients whose fitness row the drift
+    detector pulled back to the prior.
     """
 
     round: int
@@ -109,15 +110,16 @@ def check_update(update: ClientUpdate, payload: ClientPayload) -> str | None:
         return f"num_samples must be a positive int, got {update.num_samples!r}"
     if not isinstance(update.train_loss, numbers.Real) or not math.isfinite(update.train_loss):
         return f"train_loss must be a finite number, got {update.train_loss!r}"
-    fb = update.feedback
-    if not isinstance(fb, ExpertFeedback):
-        return f"feedback must be an ExpertFeedback, got {type(fb).__name__}"
-    arrays = {name: np.asarray(getattr(fb, name)) for name in ("share", "loss", "accuracy", "samples")}
-    if any(a.shape != (k,) or not np.all(np.isfinite(a)) or np.any(a < 0) for a in arrays.values()):
-        return f"feedback arrays must be finite, >= 0 and of shape ({k},)"
-    if np.any(arrays["share"] > 1) or np.any(arrays["accuracy"] > 1) or np.any(
-            arrays["samples"] > update.num_samples):
-        return "feedback share/accuracy must be <= 1 and samples <= num_samples"
+    for field in ("feedback", "feedback_before"):
+        fb = getattr(update, field)
+        if not isinstance(fb, ExpertFeedback):
+            return f"{field} must be an ExpertFeedback, got {type(fb).__name__}"
+        arrays = {name: np.asarray(getattr(fb, name)) for name in ("share", "loss", "accuracy", "samples")}
+        if any(a.shape != (k,) or not np.all(np.isfinite(a)) or np.any(a < 0) for a in arrays.values()):
+            return f"{field} arrays must be finite, >= 0 and of shape ({k},)"
+        if np.any(arrays["share"] > 1) or np.any(arrays["accuracy"] > 1) or np.any(
+                arrays["samples"] > update.num_samples):
+            return f"{field} share/accuracy must be <= 1 and samples <= num_samples"
     return None
 
 
@@ -207,8 +209,10 @@ class Server:
         clients = np.concatenate([np.full(u.experts.size, u.client) for u in accepted] or [np.zeros(0, int)])
         experts = np.concatenate([u.experts for u in accepted] or [np.zeros(0, int)])
         samples = np.concatenate([u.feedback.samples for u in accepted] or [np.zeros(0)]).astype(np.float64)
-        values = np.concatenate([u.feedback.fitness() for u in accepted] or [np.zeros(0)])
-        reset, error = self.drift.step(self.fitness, clients, experts, values)
+        before = np.concatenate([u.feedback_before.fitness() for u in accepted] or [np.zeros(0)])
+        values = before if self.config.fitness_signal == "before" else np.concatenate(
+            [u.feedback.fitness() for u in accepted] or [np.zeros(0)])
+        reset, error = self.drift.step(self.fitness, clients, experts, before)  # drift shows before training
         self.fitness.update(clients, experts, values)
         self.load.update(experts, samples)
         if plan.payloads:

@@ -16,9 +16,11 @@ probability ``1 - reliability`` when ``dropout`` is on, and independently with p
 ``dropout_rate``; its reply is corrupted (non-finite values) with probability ``corrupt``.
 
 Drift: from round ``drift_round`` on (0 = never), a ``drift_fraction`` of the clients hold different data
-of the same size: every label ``y`` of their partition becomes ``(y + shift) mod classes`` (a per-client
-shift in [1, classes)) and the sample is replaced by a random training sample of that class, so each such
-client's label distribution moves while the population's stays about the same.
+of the same size: every label ``y`` of their partition becomes ``(y + shift) mod classes`` and the sample
+is replaced by a random training sample of that class, so each such client's label distribution moves
+while the population's stays about the same. The per-client shift is drawn among those that leave the
+fewest samples on classes the client held before: the new label set is disjoint from the old one
+wherever a shift allows it.
 
 Every random draw comes from a generator keyed by (seed, round, client), so the simulation keeps no
 state and a resumed run sees the same events.
@@ -138,7 +140,10 @@ class Simulation:
         by_class = [np.flatnonzero(dataset.y_train == k) for k in range(classes)]
         drifted = {}
         for c in np.sort(rng.choice(n, size=round(self.config.drift_fraction * n), replace=False)):
-            labels = (dataset.y_train[parts[c]] + rng.integers(1, classes)) % classes
+            y = dataset.y_train[parts[c]]
+            held = np.bincount(y, minlength=classes) > 0
+            overlap = np.array([held[(y + s) % classes].sum() for s in range(1, classes)])
+            labels = (y + 1 + rng.choice(np.flatnonzero(overlap == overlap.min()))) % classes
             idx = np.array([rng.choice(by_class[k]) for k in labels], dtype=np.int64)
             drifted[int(c)] = (torch.from_numpy(dataset.x_train[idx]), torch.from_numpy(dataset.y_train[idx]))
         return drifted
