@@ -8,19 +8,26 @@
   error-free reference, at the default 4 s deadline and a tight 2.5 s one. Per round: the share of
   assigned clients that missed the deadline or failed for memory, the client-expert pairs assigned, and
   the server's time-estimate error (median ``|log(estimated / true round time)|``).
-* ``drift``: from round 20 half of the clients move to a disjoint label set (where one exists); greedy
-  and load-balanced without drift handling (``stale``), with the drift detector (on the feedback measured
-  before local training, threshold 3) resetting a fired client's fitness row (``detector``), and with the
-  fitness following the before-training feedback (``before``); the same without drift (the detector's
-  false alarms must not cost accuracy; is the before-training signal the better fitness?); and random
-  alignment under drift (a reference that uses no fitness at all). Per run: accuracy after the drift,
-  the detector's firing rate per report before the drift, and after it for drifted and other clients.
+* ``drift``: a setting where alignment decides accuracy (see below): from round 20 half of the clients
+  move to a disjoint label set (where one exists). Greedy and load-balanced, each without drift
+  (``nodrift``), with drift and no handling (``stale``), with the drift detector (on the feedback measured
+  before local training, threshold 2) resetting a fired client's fitness row to its prior (``shrink``), and
+  with the detector re-scoring the fired row from the gate affinity the client sends with its update
+  (``rescore``: every expert, held or not, on its current data); and random alignment under drift (no
+  fitness at all). Per run, for the global accuracy (all experts allowed) and for ``aligned_accuracy``
+  (each client with only the experts it was given, on its own label mix): the level before the drift, the
+  mean over the rounds from it, the lowest in the 5 rounds after it and the rounds until the pre-drift
+  level is reached again; the detector's firing rate per report before the drift and, after it, for
+  drifted and other clients; arms paired by seed with ``stale`` (and ``stale`` with ``nodrift``: what
+  drift costs).
 
-All on digits, Dirichlet(0.1), 20 clients (10 per round), 8 experts, heterogeneous tiers, 4 s deadline,
-40 rounds, 3 seeds.
+Dropout and capacity: digits, Dirichlet(0.1), 20 clients (10 per round), 8 experts (top-2), heterogeneous
+tiers, 4 s deadline. Drift: the same but 16 experts with top-1 routing, at most 2 experts per client, all
+20 clients every round, 2 local epochs, no deadline and no tier drop-outs, so that each client's assigned
+experts decide what it scores. 40 rounds, 3 seeds.
 
-    python benchmarks/stress.py                    # all three parts (90 runs, ~25 min on 2 busy cores)
-    python benchmarks/stress.py --parts drift      # one part; other parts already in the JSON are kept
+    python benchmarks/stress.py                    # all three parts (75 runs)
+    python benchmarks/stress.py --parts drift --workers 1   # 27 runs, 14 min on 1 busy core; other parts kept
     python benchmarks/stress.py --quick            # 1 seed x 8 rounds (drift at round 3)
 
 Writes ``benchmarks/results/stress[_quick].json`` and PNGs ``stress[_quick]_<part>_*.png``; per-run JSONs
@@ -52,7 +59,7 @@ from fedmoe.plots import plot_accuracy, plot_curves
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("dropout", "capacity", "drift")
-_THRESHOLD = 3.0
+_THRESHOLD = 2.0
 _WINDOW = 5  # rounds after the drift in which a detection counts
 
 
@@ -71,24 +78,23 @@ def variants(part: str, base: FederatedConfig, drift_round: int) -> dict[str, Fe
                         f"estimated{tag}": plan.replace(capacity_error=0.3, profile_ema=0.7),
                         f"estimated-fast{tag}": plan.replace(capacity_error=0.3, profile_ema=0.3)})
         return out
+    drift = base.replace(num_experts=16, top_k=1, max_experts=2, local_epochs=2, clients_per_round=0,
+                         deadline=None, dropout=False, eval_aligned=True)
     out = {}
     for s in ("greedy", "load-balanced"):
-        for arm, plain in (("stale", base.replace(strategy=s, drift_round=drift_round)),
-                           ("nodrift", base.replace(strategy=s))):
-            stem = f"{s}-nodrift" if arm == "nodrift" else s
-            out.update({f"{s}-{arm}": plain, f"{stem}-detector": plain.replace(drift_threshold=_THRESHOLD),
-                        f"{stem}-before": plain.replace(fitness_signal="before")})
-    out["random-drift"] = base.replace(strategy="random", drift_round=drift_round)
+        stale = drift.replace(strategy=s, drift_round=drift_round)
+        out.update({f"{s}-nodrift": drift.replace(strategy=s), f"{s}-stale": stale,
+                    f"{s}-shrink": stale.replace(drift_threshold=_THRESHOLD),
+                    f"{s}-rescore": stale.replace(drift_threshold=_THRESHOLD, drift_rescore=True)})
+    out["random-drift"] = drift.replace(strategy="random", drift_round=drift_round)
     return out
 
 
 def baseline(name: str) -> str | None:
-    """The drift arm that ``name`` is paired with: same strategy and data, detector off, fitness after
-    training (None for such an arm itself)."""
+    """The drift arm that ``name`` is paired with: drift handling with no handling (same strategy and
+    seed), no handling with no drift (what drift costs); None for the others."""
     head, _, variant = name.rpartition("-")
-    if variant not in ("detector", "before"):
-        return None
-    return head if head.endswith("nodrift") else f"{head}-stale"
+    return {"shrink": f"{head}-stale", "rescore": f"{head}-stale", "stale": f"{head}-nodrift"}.get(variant)
 
 
 def share(record: dict, reason: str | None = None) -> float:
@@ -107,14 +113,24 @@ def mean_std(values) -> list:
 
 
 def drift_figures(run: dict, drift_round: int) -> dict:
-    """Accuracy before the drift (mean of the 3 rounds before), its mean over the rounds from the drift on,
-    its lowest in the 5 rounds after, rounds after the drift until it is back at the pre-drift level;
-    the detector's resets per report (accepted client) before the drift and, in the ``_WINDOW`` rounds
-    from it, of the drifted and of the other clients (None where no such report)."""
+    """For the global ``accuracy`` and, where recorded, ``aligned_accuracy`` (key prefix ``aligned_``): the
+    level before the drift (mean of the 3 rounds before), the mean over the rounds from the drift on, the
+    lowest in the ``_WINDOW`` rounds after, the rounds after the drift until the pre-drift level is reached
+    again (None if never); the detector's resets per report (accepted client) before the drift and, in the
+    ``_WINDOW`` rounds from it, of the drifted and of the other clients (None where no such report), and
+    the share of resets that were re-scores."""
     rounds = run["rounds"]
-    acc = [r["accuracy"] for r in rounds]
-    before = statistics.fmean(acc[max(drift_round - 3, 0):drift_round])
     drifted = set(run["clients"]["drifted"])
+    after = drift_round + _WINDOW
+    out = {}
+    for prefix, key in (("", "accuracy"), ("aligned_", "aligned_accuracy")):
+        if any(r.get(key) is None for r in rounds):
+            continue
+        acc = [r[key] for r in rounds]
+        before = statistics.fmean(acc[max(drift_round - 3, 0):drift_round])
+        out.update({f"{prefix}pre_drift": before, f"{prefix}after_drift": statistics.fmean(acc[drift_round:]),
+                    f"{prefix}post_drift_min": min(acc[drift_round:after]),
+                    f"{prefix}recovery": rounds_to_target(acc[drift_round:], before)})
 
     def rate(lo: int, hi: int, clients) -> float | None:
         reports = sum(c in clients for r in rounds[lo:hi] for c in r["accepted"])
@@ -122,13 +138,12 @@ def drift_figures(run: dict, drift_round: int) -> dict:
         return fired / reports if reports else None
 
     everyone = range(len(run["clients"]["samples"]))
-    after = drift_round + _WINDOW
-    return {"pre_drift": before, "after_drift": statistics.fmean(acc[drift_round:]),
-            "post_drift_min": min(acc[drift_round:after]),
-            "recovery": rounds_to_target(acc[drift_round:], before),
-            "fire_rate_before": rate(0, drift_round, everyone),
+    resets = sum(len(r["drift_reset"]) for r in rounds)
+    rescored = sum(len(r.get("drift_rescored", [])) for r in rounds)
+    return {**out, "fire_rate_before": rate(0, drift_round, everyone),
             "fire_rate_drifted": rate(drift_round, after, drifted),
-            "fire_rate_other": rate(drift_round, after, set(everyone) - drifted)}
+            "fire_rate_other": rate(drift_round, after, set(everyone) - drifted),
+            "rescored_share": rescored / resets if resets else None}
 
 
 @torch.no_grad()
@@ -186,8 +201,16 @@ def part_report(part: str, results: dict[str, list[dict]], drift_round: int, run
         if part == "drift":
             figures = [drift_figures(run, drift_round) for run in runs]
             row.update({key: [f[key] for f in figures] for key in figures[0]})
-            row["after_drift_mean"] = mean_std(row["after_drift"])
-            row["recovered"] = f"{sum(f['recovery'] is not None for f in figures)}/{len(figures)}"
+            for prefix in ("", "aligned_"):
+                if f"{prefix}after_drift" in row:
+                    row[f"{prefix}after_drift_mean"] = mean_std(row[f"{prefix}after_drift"])
+                    row[f"{prefix}dip_mean"] = mean_std(np.subtract(row[f"{prefix}pre_drift"],
+                                                                    row[f"{prefix}post_drift_min"]).tolist())
+                    known = [r for r in row[f"{prefix}recovery"] if r is not None]
+                    row[f"{prefix}recovered"] = f"{len(known)}/{len(figures)}"
+                    row[f"{prefix}recovery_mean"] = mean_std(known)
+            row["aligned_last5"] = mean_std([statistics.fmean(r["aligned_accuracy"] for r in rs[-5:])
+                                             for rs in rounds]) if "aligned_after_drift" in row else None
             error = np.array([[r["fitness_error"] or 0.0 for r in rs] for rs in rounds])
             before = error[:, max(drift_round - 5, 0):drift_round]
             row["fitness_error_before"] = mean_std(before.mean(1).tolist())
@@ -197,13 +220,17 @@ def part_report(part: str, results: dict[str, list[dict]], drift_round: int, run
                                        run_dir / f"{name}-seed{run['config']['seed']}.pt") for run in runs]
                 row["expert_shift"] = {k: mean_std([s[k] for s in shifts]) for k in shifts[0]}
             if (reference := baseline(name)) is not None:  # paired by seed (same seed order)
-                last5 = [[statistics.fmean(r["accuracy"] for r in run["rounds"][-5:]) for run in results[k]]
-                         for k in (name, reference)]
-                after = [[drift_figures(run, drift_round)["after_drift"] for run in results[k]]
-                         for k in (name, reference)]
                 row["paired_vs"] = reference
-                row["paired_after_drift"] = mean_std(np.subtract(*after).tolist())
-                row["paired_last5"] = mean_std(np.subtract(*last5).tolist())
+                for prefix, key in (("", "accuracy"), ("aligned_", "aligned_accuracy")):
+                    if f"{prefix}after_drift" not in row:
+                        continue
+                    last5 = [[statistics.fmean(r[key] for r in run["rounds"][-5:]) for run in results[k]]
+                             for k in (name, reference)]
+                    after = [[statistics.fmean(r[key] for r in run["rounds"][drift_round:])
+                              for run in results[k]] for k in (name, reference)]
+                    row[f"paired_{prefix}after_drift"] = mean_std(np.subtract(*after).tolist())
+                    row[f"paired_{prefix}after_drift_each"] = np.subtract(*after).tolist()
+                    row[f"paired_{prefix}last5"] = mean_std(np.subtract(*last5).tolist())
         table[name] = row
     return table
 
@@ -224,11 +251,15 @@ def plot_part(part: str, results: dict[str, list[dict]], stem: str, drift_round:
         plot_accuracy(results, f"{prefix}_accuracy.png", target=target, title="Capacity error: accuracy")
     else:
         for strategy in ("greedy", "load-balanced"):
-            mine = {k: v for k, v in results.items() if k.startswith(strategy + "-")}
-            curves = {k: [[r["accuracy"] for r in run["rounds"]] for run in runs] for k, runs in mine.items()}
-            plot_curves(curves, f"{prefix}_{strategy}_accuracy.png", ylabel="test accuracy",
-                        vline=drift_round + 0.5, vline_label="drift",
-                        title=f"{strategy}: half the clients move to new labels at round {drift_round + 1}")
+            mine = {k: v for k, v in results.items() if k.startswith(strategy + "-") or k == "random-drift"}
+            for key, label in (("accuracy", "test accuracy (all experts)"),
+                               ("aligned_accuracy", "aligned accuracy (each client's own experts)")):
+                curves = {k: [[r.get(key) or 0.0 for r in run["rounds"]] for run in runs]
+                          for k, runs in mine.items()}
+                plot_curves(curves, f"{prefix}_{strategy}_{key}.png", ylabel=label,
+                            vline=drift_round + 0.5, vline_label="drift",
+                            title=f"{strategy}: half the clients move to new labels at round "
+                                  f"{drift_round + 1}")
         curves = {k: [[r["fitness_error"] or 0.0 for r in run["rounds"]] for run in runs]
                   for k, runs in results.items() if "nodrift" not in k}
         plot_curves(curves, f"{prefix}_fitness_error.png", ylabel="mean |feedback before training - fitness|",

@@ -15,7 +15,8 @@ Messages (record names in quotes):
   keys, trained), ``"config"`` {``experts``} and ``"metrics"`` {``num-examples``, ``train-loss`` and the
   per-expert feedback lists ``share``, ``loss``, ``accuracy``, ``samples`` measured after local training,
   and the same measured before it as ``before-share``, ``before-loss``, ``before-accuracy``,
-  ``before-samples``}.
+  ``before-samples``; with ``drift_rescore`` also ``affinity``, the gate's affinity [E] to every expert
+  on the node's current data with the received weights}.
 
 The node of a fedmoe client is the node whose ``node_config`` has ``partition-id`` = client (Flower's
 simulation engine sets it; SuperNodes get ``--node-config "partition-id=0 num-partitions=2"``). Both
@@ -78,6 +79,7 @@ PROFILE_KEYS = {"compute-flops": "compute", "memory-bytes": "memory", "bandwidth
 EXPERT_ROWS = "expert_rows"
 _FEEDBACK = ("share", "loss", "accuracy", "samples")
 _BEFORE = "before-"  # key prefix of the feedback measured before local training
+_AFFINITY = "affinity"  # gate affinity [E] sent with a train reply when drift_rescore is on
 _OUT = "out"  # run config key of the ServerApp's output directory ("" = none)
 _COST = "fedmoe-model-cost"  # ConfigRecord in a node's Context.state
 
@@ -274,7 +276,9 @@ class FedMoEStrategy(Strategy):
             shared, rows = _unpack(self.server.model, arrays)
             update = ClientUpdate(client, np.asarray(config["experts"], dtype=np.int64), shared, rows,
                                   metrics["num-examples"], metrics["train-loss"], _unpack_feedback(metrics),
-                                  _unpack_feedback(metrics, _BEFORE))
+                                  _unpack_feedback(metrics, _BEFORE),
+                                  np.asarray(metrics[_AFFINITY], np.float32) if _AFFINITY in metrics
+                                  else None)
         except (KeyError, ValueError, TypeError) as exc:
             return ClientReply(client, None, math.nan, f"malformed reply: {type(exc).__name__}: {exc}")
         return ClientReply(client, update, seconds)
@@ -450,6 +454,8 @@ def _train(msg: Message, context: Context) -> Message:
     update = run.train(payload, *run.simulation.data(client, payload.round))
     metrics = {"num-examples": update.num_samples, "train-loss": float(update.train_loss),
                **_pack_feedback(update.feedback), **_pack_feedback(update.feedback_before, _BEFORE)}
+    if update.affinity is not None:  # drift_rescore: the gate affinity to every expert on the current data
+        metrics[_AFFINITY] = update.affinity.astype(np.float64).tolist()
     content = RecordDict({"arrays": _pack(run.workspace, update.shared, update.expert_rows),
                           "config": ConfigRecord({"experts": update.experts.tolist()}),
                           "metrics": MetricRecord(metrics)})

@@ -1,5 +1,6 @@
 """Drift handling (fedmoe.alignment.drift): the detector fires on a jump in a client's feedback, not on
-noise, and pulls a fired client's fitness row towards its prior, for dense and lean fitness tables."""
+noise, and pulls a fired client's fitness row towards its prior or re-scores it from a fresh gate affinity,
+for dense and lean fitness tables."""
 
 from __future__ import annotations
 
@@ -100,6 +101,65 @@ def test_step_pulls_a_fired_row_to_its_prior_before_the_update(form, shrink):
     prior = table.prior[0]
     np.testing.assert_allclose(table.to_dense()[0], prior + shrink * (before[0] - prior), atol=1e-6)
     np.testing.assert_allclose(table.to_dense()[1:], before[1:], atol=1e-6)
+
+
+def _warm(form, n=4, e=5, keep=5):
+    """A table with every row cold-started and trained, and a detector past its warmup on it."""
+    cfg = FitnessConfig(ema=0.5, decay=0.9, prior=0.1, prune_below=0.0, lean_keep=keep)
+    table = form(n, e, cfg)
+    rng = np.random.default_rng(3)
+    table.cold_start(np.arange(n), rng.random((n, e)).astype(np.float32))
+    detector = DriftDetector(n, DriftConfig(threshold=2.0, shrink=0.5, warmup=2))
+    clients, experts = np.repeat(np.arange(n), 2), np.tile([0, 1], n)
+    for _ in range(2):  # report exactly what the table holds: no surprise, no firing
+        values = table.get(clients, experts).astype(np.float64)
+        assert detector.step(table, clients, experts, values)[0].size == 0
+        table.update(clients, experts, values)
+    return table, detector, clients, experts
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_rescore_replaces_a_fired_row_with_its_fresh_affinity(form):
+    """A fired client whose affinity is given gets exactly that row (for every expert, held or not) and
+    its mean as prior; a fired client without one is shrunk; clients that did not fire are untouched,
+    even when their affinity is given."""
+    table, detector, clients, experts = _warm(form)
+    before, prior = table.to_dense(), table.prior.copy()
+    values = table.get(clients, experts).astype(np.float64)
+    values[clients == 0] = [0.9, 0.9]  # clients 0 and 2 jump
+    values[clients == 2] = [0.9, 0.9]
+    fresh = {0: np.array([0.05, 0.6, 0.15, 0.1, 0.1]), 1: np.array([0.2] * 5),
+             3: np.array([0.9, 0, 0, 0, 0.1])}
+    fired, _ = detector.step(table, clients, experts, values, rescore=fresh)
+    assert fired.tolist() == [0, 2]
+    after = table.to_dense()
+    np.testing.assert_allclose(after[0], fresh[0], atol=1e-6)
+    assert table.prior[0] == pytest.approx(fresh[0].mean())
+    np.testing.assert_allclose(after[2], prior[2] + 0.5 * (before[2] - prior[2]), atol=1e-6)  # no affinity
+    np.testing.assert_array_equal(after[[1, 3]], before[[1, 3]])  # did not fire: untouched
+    np.testing.assert_array_equal(table.prior[[1, 2, 3]], prior[[1, 2, 3]])
+    # what the next update then does starts from the fresh row
+    table.update(clients, experts, values)
+    lam = 0.5
+    np.testing.assert_allclose(table.get([0, 0], [0, 1]), lam * fresh[0][:2] + (1 - lam) * 0.9, atol=1e-6)
+
+
+def test_rescore_of_a_lean_table_keeps_the_best_experts_of_the_fresh_affinity():
+    table, detector, clients, experts = _warm(LeanFitness, keep=2)
+    values = table.get(clients, experts).astype(np.float64)
+    values[clients == 1] = [0.9, 0.9]
+    fresh = np.array([0.05, 0.1, 0.5, 0.05, 0.3])
+    assert detector.step(table, clients, experts, values, rescore={1: fresh})[0].tolist() == [1]
+    row = table.to_dense()[1]
+    np.testing.assert_allclose(row[[2, 4]], fresh[[2, 4]], atol=1e-6)  # the two best, unheld, experts
+    np.testing.assert_allclose(row[[0, 1, 3]], fresh.mean(), atol=1e-6)  # the rest at the new prior
+
+
+def test_rescore_checks_the_affinity_shape():
+    table, detector, clients, experts = _warm(DenseFitness)
+    values = table.get(clients, experts).astype(np.float64) + np.where(clients == 0, 0.8, 0.0)
+    with pytest.raises(ValueError, match="affinity"):
+        detector.step(table, clients, experts, values, rescore={0: np.ones(3)})
 
 
 @settings(max_examples=40, deadline=None)

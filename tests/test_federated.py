@@ -257,6 +257,40 @@ def test_fitness_follows_the_configured_signal_and_the_detector_the_one_before_t
     assert report.fitness_error == pytest.approx(np.concatenate(list(errors.values())).mean(), rel=1e-5)
 
 
+@pytest.mark.parametrize("rescore", [False, True])
+def test_a_fired_client_is_rescored_from_the_affinity_it_sent_only_with_drift_rescore(digits, rescore):
+    """With ``drift_rescore`` clients send the gate affinity (as :func:`gate_affinity` measures it with
+    the received weights) and a fired client's row becomes that affinity before the round's update;
+    without it no affinity travels and the fired row is shrunk to its prior."""
+    config = CFG.replace(clients_per_round=0, drift_threshold=1.0, drift_rescore=rescore, fitness_decay=1.0)
+    run = FederatedRun(config, digits)
+    server = run.server
+    plan = server.configure(np.arange(6))
+    updates = {c: run.train(p, run.simulation.x[c], run.simulation.y[c]) for c, p in plan.payloads.items()}
+    for c, u in updates.items():
+        if rescore:
+            np.testing.assert_allclose(u.affinity, gate_affinity(run.workspace, plan.payloads[c].shared,
+                                                                 run.simulation.x[c]), rtol=1e-6)
+        else:
+            assert u.affinity is None
+    fire = sorted(updates)[0]
+    server.drift.observe = lambda clients, surprise: np.array([fire])  # force one client to fire
+    old = server.fitness.to_dense().copy()
+    prior = server.fitness.prior.copy()
+    report = server.aggregate(plan, {c: ClientReply(c, u, 1.0) for c, u in updates.items()})
+    lam, u = config.fitness_ema, updates[fire]
+    row = u.affinity.astype(np.float64) if rescore else np.full(config.num_experts, prior[fire])
+    row[u.experts] = lam * row[u.experts] + (1 - lam) * u.feedback.fitness()
+    np.testing.assert_allclose(server.fitness.to_dense()[fire], row, rtol=1e-5, atol=1e-7)
+    assert report.drift_reset == [fire] and report.drift_rescored == ([fire] if rescore else [])
+    others = [c for c in range(6) if c != fire]
+    untouched = np.ones_like(old, dtype=bool)
+    for c, other in updates.items():
+        untouched[c, other.experts] = False
+    np.testing.assert_array_equal(server.fitness.to_dense()[others][untouched[others]],
+                                  old[others][untouched[others]])
+
+
 def _tripled_share(feedback):
     return dataclasses.replace(feedback, share=3 * feedback.share)
 
@@ -275,6 +309,10 @@ def _tripled_share(feedback):
         (lambda u: dataclasses.replace(u, feedback_before=_tripled_share(u.feedback_before)),
          "feedback_before share"),
         (lambda u: dataclasses.replace(u, feedback_before=None), "feedback_before must be"),
+        (lambda u: dataclasses.replace(u, affinity=np.full(5, 0.2, np.float32)), "affinity"),
+        (lambda u: dataclasses.replace(u, affinity=np.array([0.5, np.nan, 0.2, 0.3], np.float32)),
+         "affinity"),
+        (lambda u: dataclasses.replace(u, affinity=-np.full(4, 0.25, np.float32)), "affinity"),
         (lambda u: "garbage", "not a ClientUpdate"),
     ],
 )
@@ -282,7 +320,7 @@ def test_check_update_names_what_is_wrong(digits, mutate, reason):
     run = FederatedRun(CFG, digits)
     payload = _payload(run, 0, [0, 2])
     update = train_client(run.workspace, payload, run.simulation.x[0], run.simulation.y[0], TrainConfig())
-    assert reason in check_update(mutate(update), payload)
+    assert reason in check_update(mutate(update), payload, CFG.num_experts)
 
 
 def test_select_takes_a_seeded_subset_of_the_online_clients(digits):

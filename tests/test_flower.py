@@ -209,6 +209,29 @@ def test_rounds_on_local_grid_equal_own_loop():
     assert result.train_metrics_clientapp[2]["accepted"] == len(reference.history[1]["accepted"])
 
 
+@pytest.mark.parametrize("rescore", [False, True])
+def test_the_gate_affinity_travels_with_a_train_reply_only_under_drift_rescore(rescore):
+    config = CONFIG.replace(clients_per_round=0, drift_threshold=1.0, drift_rescore=rescore)
+    grid = LocalGrid(nodes(), config)
+    strategy = strategy_for(config)
+    messages = list(strategy.configure_train(1, strategy.arrays(), ConfigRecord(), grid))
+    replies = grid.send_and_receive(messages)
+    run = FederatedRun(config)
+    plan = copy.deepcopy(strategy.server).configure(np.arange(config.num_clients))
+    for reply in replies:
+        client = strategy.nodes[reply.metadata.src_node_id]
+        metrics = reply.content.metric_records["metrics"]
+        parsed = strategy._reply(client, reply).update
+        if not rescore:
+            assert "affinity" not in metrics and parsed.affinity is None
+            continue
+        own = run.train(plan.payloads[client], run.simulation.x[client], run.simulation.y[client]).affinity
+        np.testing.assert_allclose(metrics["affinity"], own, rtol=1e-6)  # what fedmoe's own client sends
+        np.testing.assert_allclose(parsed.affinity, own, rtol=1e-6)
+    strategy.aggregate_train(1, replies)
+    assert strategy.history[-1]["accepted"] == list(range(config.num_clients))
+
+
 def test_aggregate_filters_faults_and_updates_fitness_and_load_from_metrics():
     config = CONFIG.replace(clients_per_round=0)
     grid = LocalGrid(nodes(), config)

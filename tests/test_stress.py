@@ -44,6 +44,9 @@ def digits() -> Dataset:
     ({"safety_margin": -0.1}, ValueError, "safety_margin"),
     ({"profile_ema": 1.1}, ValueError, "profile_ema"),
     ({"fitness_signal": "during"}, ValueError, "fitness_signal"),
+    ({"drift_rescore": True}, ValueError, "drift_rescore"),
+    ({"drift_rescore": 1, "drift_threshold": 2.0}, TypeError, "drift_rescore"),
+    ({"eval_aligned": "yes"}, TypeError, "eval_aligned"),
 ])
 def test_config_names_the_bad_stress_option(changes, error, match):
     with pytest.raises(error, match=match):
@@ -140,11 +143,15 @@ def _without_wall_time(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "wall_seconds"}
 
 
-def test_a_killed_stress_run_resumes_exactly_with_the_drift_detector_state(digits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rescore", [False, True])
+def test_a_killed_stress_run_resumes_exactly_with_the_drift_detector_state(digits, tmp_path, monkeypatch,
+                                                                           rescore):
     config = CFG.replace(rounds=5, drift_round=2, drift_threshold=1.0, capacity_error=0.3, dropout_rate=0.2,
-                         strategy="greedy", fitness_signal="before")
+                         strategy="greedy", fitness_signal="before", drift_rescore=rescore,
+                         eval_aligned=rescore)
     whole = run_experiment(config, checkpoint=tmp_path / "whole.pt", dataset=digits)
     assert whole["rounds"][-1]["fitness_error"] is not None and "time_error" in whole["rounds"][-1]
+    assert ("aligned_accuracy" in whole["rounds"][-1]) == rescore
     honest = FederatedRun.train
 
     def killed_in_round_3(self, payload, x, y):
@@ -163,3 +170,25 @@ def test_a_killed_stress_run_resumes_exactly_with_the_drift_detector_state(digit
     a, b = load_checkpoint(tmp_path / "whole.pt")["server"], load_checkpoint(tmp_path / "killed.pt")["server"]
     for key in ("level", "spread", "count"):
         np.testing.assert_array_equal(np.asarray(a["drift"][key]), np.asarray(b["drift"][key]))
+
+
+def test_aligned_accuracy_masks_each_client_to_its_experts_and_weights_by_its_current_labels(digits):
+    run = FederatedRun(CFG.replace(drift_round=2, drift_fraction=0.5, dirichlet_alpha=0.1), digits)
+    model, x, y = run.server.model, run.x_test, run.y_test.numpy()
+    client = min(run.simulation.drifted)
+
+    def expected(experts, round_):
+        mask = torch.zeros(CFG.num_experts, dtype=torch.bool)
+        mask[experts] = True
+        model.moe.set_expert_mask(mask)
+        with torch.no_grad():
+            correct = (model(x)[0].argmax(1).numpy() == y).astype(float)
+        model.moe.set_expert_mask(None)
+        labels = run.simulation.data(client, round_)[1].numpy()
+        return sum((labels == k).mean() * correct[y == k].mean() for k in np.unique(labels))
+
+    for experts in ([0], [1, 3], [0, 1, 2, 3]):
+        for round_ in (0, 2):  # before and after the client's drift
+            got = run.aligned_accuracy(round_, {str(client): experts})
+            assert got == pytest.approx(expected(experts, round_), abs=1e-9)
+    assert run.aligned_accuracy(0, {}) is None

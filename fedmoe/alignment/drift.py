@@ -11,12 +11,18 @@ and fires when a report exceeds ``level + threshold·spread``, once the client h
 times since it last fired (a one-sided test in the spirit of an EWMA control chart). A fired client's row
 is pulled towards its prior: ``F <- prior + shrink·(F - prior)`` (``shrink = 0`` resets it;
 ``0 < shrink < 1`` is one step of much faster decay), before the round's EMA update adds the new
-feedback. Its level and count restart, so it cannot fire again until it has rebuilt its baseline. Works on any
-:class:`~fedmoe.alignment.fitness.FitnessTable` (dense or lean).
+feedback. Or, where the caller passes a fresh gate affinity of the fired client (``rescore``: the mean
+router probability of every expert on its current data, as for a cold start), the row is *re-scored*:
+replaced by that affinity (:meth:`FitnessTable.cold_start`, which also resets the row's prior to the
+affinity's mean), so that it describes the new data for every expert, including the ones the client does
+not hold, whose fitness the feedback never touches. Its level and count restart, so it cannot fire again
+until it has rebuilt its baseline. Works on any :class:`~fedmoe.alignment.fitness.FitnessTable` (dense or
+lean).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,16 +86,20 @@ class DriftDetector:
         deviation = np.abs(surprise - level)
         self.spread[clients] = np.select([count == 0, count == 1], [0.0, deviation],
                                          lam * spread + (1 - lam) * deviation)
-        self.level[clients] = np.where(count == 0, surprise, lam * level + (1 - lam) * surprise)
+        # written as a step towards the report, so that a constant series keeps its level exactly
+        self.level[clients] = np.where(count == 0, surprise, level + (1 - lam) * (surprise - level))
         self.count[clients] = count + 1
         out = np.sort(clients[fired])
         self.level[out], self.spread[out], self.count[out] = 0.0, 0.0, 0
         return out
 
-    def step(self, fitness: FitnessTable, clients, experts, values) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, fitness: FitnessTable, clients, experts, values,
+             rescore: Mapping[int, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Before ``fitness.update(clients, experts, values)``: compare the feedback with the current
-        fitness, let the clients whose surprise jumped forget (see module docstring). Returns
-        ``(fired clients, |values - fitness|)`` per pair (float64 [K])."""
+        fitness, let the clients whose surprise jumped forget (see module docstring): a fired client found
+        in ``rescore`` (client -> float [E] gate affinity on its current data) gets its row replaced by
+        that affinity, any other fired client is shrunk towards its prior. Returns ``(fired clients,
+        |values - fitness|)`` per pair (float64 [K])."""
         if not isinstance(fitness, FitnessTable):
             raise TypeError(f"fitness must be a FitnessTable, got {type(fitness).__name__}")
         if fitness.num_clients != self.num_clients:
@@ -100,8 +110,12 @@ class DriftDetector:
         reporting, inverse = np.unique(clients, return_inverse=True)
         surprise = np.bincount(inverse, weights=error) / np.bincount(inverse) if clients.size else error
         fired = self.observe(reporting, surprise)
-        if fired.size:
-            fitness.shrink_rows(fired, self.config.shrink)
+        fresh = np.array([c for c in fired.tolist() if rescore is not None and c in rescore], dtype=np.int64)
+        stale = np.setdiff1d(fired, fresh)
+        if stale.size:
+            fitness.shrink_rows(stale, self.config.shrink)
+        if fresh.size:
+            fitness.cold_start(fresh, np.stack([np.asarray(rescore[c], dtype=np.float64) for c in fresh]))
         return fired, error
 
     def state_dict(self) -> dict:

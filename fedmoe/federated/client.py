@@ -28,13 +28,15 @@ _EVAL_BATCH = 1024
 class TrainConfig:
     """Local training: ``epochs`` over the client's data in shuffled mini-batches of ``batch_size``, SGD
     with ``lr`` and ``momentum`` (fresh each round), loss = cross-entropy + ``aux_loss`` · load-balancing
-    loss of the MoE layer."""
+    loss of the MoE layer. ``affinity``: also measure the gate's affinity to every expert on the local data
+    with the received weights (:func:`gate_affinity`; drift re-scoring) and send it with the update."""
 
     epochs: int = 1
     batch_size: int = 16
     lr: float = 0.05
     momentum: float = 0.9
     aux_loss: float = 0.01
+    affinity: bool = False
 
     def __post_init__(self):
         _checks.integer("epochs", self.epochs, 1)
@@ -42,6 +44,8 @@ class TrainConfig:
         _checks.real("lr", self.lr, 0.0, lo_open=True)
         _checks.real("momentum", self.momentum, 0.0, 1.0, hi_open=True)
         _checks.real("aux_loss", self.aux_loss, 0.0)
+        if not isinstance(self.affinity, bool):
+            raise TypeError(f"affinity must be a bool, got {self.affinity!r}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,9 @@ class ClientUpdate:
     ``experts`` int64 [k], ``num_samples`` (local training samples), ``train_loss`` (mean loss of the
     last epoch), the per-expert ``feedback`` measured after local training and ``feedback_before``, the
     same measured before it with the received weights (how well the global experts fit the client's
-    current data: it reacts when that data changes)."""
+    current data: it reacts when that data changes) and, if the config asked for it, ``affinity`` float32
+    [E] (None otherwise): the gate's mean router probability of every expert, held or not, on the
+    client's current data with the received weights (:func:`gate_affinity`)."""
 
     client: int
     experts: np.ndarray
@@ -96,6 +102,7 @@ class ClientUpdate:
     train_loss: float
     feedback: ExpertFeedback
     feedback_before: ExpertFeedback
+    affinity: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -147,7 +154,8 @@ def train_client(model: MoEClassifier, payload: ClientPayload, x: torch.Tensor, 
                  config: TrainConfig) -> ClientUpdate:
     """Train the shared parameters and the assigned experts on ``x`` float32 [n, C, H, W], ``y`` int64 [n]
     with the gate masked to the assigned experts; measure the per-expert feedback before (one forward
-    pass with the received weights) and after."""
+    pass with the received weights) and after; with ``config.affinity`` also the gate affinity to every
+    expert with the received weights."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     n = x.shape[0]
@@ -157,6 +165,7 @@ def train_client(model: MoEClassifier, payload: ClientPayload, x: torch.Tensor, 
     experts = payload.experts
     if experts.size == 0:
         raise ValueError("payload.experts must name at least one expert")
+    affinity = gate_affinity(model, payload.shared, x) if config.affinity else None
     _load(model, payload.shared, experts, payload.expert_rows)
     mask = torch.zeros(model.moe.num_experts, dtype=torch.bool)
     mask[torch.from_numpy(experts)] = True
@@ -169,7 +178,7 @@ def train_client(model: MoEClassifier, payload: ClientPayload, x: torch.Tensor, 
         model.moe.set_expert_mask(None)
     rows = model.expert_bank[torch.from_numpy(experts)].detach().clone()
     return ClientUpdate(payload.client, experts.copy(), shared_vector(model), rows, n, train_loss, feedback,
-                        before)
+                        before, affinity)
 
 
 def _sgd(model: MoEClassifier, x, y, config: TrainConfig, gen: torch.Generator) -> float:

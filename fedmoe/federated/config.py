@@ -45,7 +45,9 @@ class FederatedConfig:
     it with the received weights);
     drift handling (:class:`fedmoe.alignment.DriftConfig`, on the feedback measured before training):
     ``drift_threshold`` (0 = off) and
-    ``drift_shrink`` (0 = a fired client's fitness row is reset); capacity profiles
+    ``drift_shrink`` (0 = a fired client's fitness row is reset), ``drift_rescore`` (clients send the gate
+    affinity to every expert on their current data with each update, and a fired client's row is replaced
+    by it instead of shrunk; needs ``drift_threshold > 0``); capacity profiles
     (:class:`fedmoe.alignment.ProfileConfig`): ``safety_margin`` and ``profile_ema`` (1 = plan with the
     self-reported profiles only, never learn from observed round times).
     Simulation: ``capacity`` (heterogeneous tiers | uniform), ``deadline`` (simulated seconds per round, or
@@ -55,7 +57,9 @@ class FederatedConfig:
     non-finite values; a fault drill), ``capacity_error`` (each client's true speed and memory are its
     self-reported ones times a factor drawn from [1 - e, 1 + e]; a client given more experts than truly fit
     fails), ``drift_round`` (from this round on, a ``drift_fraction`` of the clients hold data with their
-    labels permuted; 0 = no drift). ``target_accuracy``: for rounds-to-target.
+    labels permuted; 0 = no drift). ``target_accuracy``: for rounds-to-target. ``eval_aligned``: also
+    record each round's ``aligned_accuracy`` (see :meth:`fedmoe.federated.FederatedRun.aligned_accuracy`;
+    one test-set pass per distinct assignment).
     """
 
     data: str = "digits"
@@ -89,6 +93,7 @@ class FederatedConfig:
     fitness_signal: str = "after"
     drift_threshold: float = 0.0
     drift_shrink: float = 0.0
+    drift_rescore: bool = False
     safety_margin: float = 0.2
     profile_ema: float = 0.7
     capacity: str = "heterogeneous"
@@ -101,6 +106,7 @@ class FederatedConfig:
     drift_round: int = 0
     drift_fraction: float = 0.5
     target_accuracy: float = 0.85
+    eval_aligned: bool = False
 
     def __post_init__(self):
         if not isinstance(self.data, str) or not self.data:
@@ -135,9 +141,11 @@ class FederatedConfig:
         _checks.real("drift_fraction", self.drift_fraction, 0.0, 1.0)
         _checks.real("target_accuracy", self.target_accuracy, 0.0, 1.0)
         _choice("capacity", self.capacity, CAPACITIES)
-        for name in ("cold_start", "dropout"):
+        for name in ("cold_start", "dropout", "drift_rescore", "eval_aligned"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.drift_rescore and not self.drift_threshold > 0:
+            raise ValueError("drift_rescore needs the drift detector on (drift_threshold > 0)")
         if self.deadline is not None:
             _checks.real("deadline", self.deadline, 0.0, lo_open=True)
         elif self.strategy == "deadline-aware":

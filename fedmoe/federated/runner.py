@@ -6,7 +6,8 @@ Per round: online clients -> ``server.configure`` -> each payload played by the 
 set. The record of a round is the server's :class:`RoundReport` plus ``accuracy``, ``loss``,
 ``load_cv`` and ``load`` (the decayed expert load [E]), ``sim_time`` (cumulative simulated seconds) and
 ``time_error`` (median over clients of ``|log(estimated / true round time)|``: how far the server's
-capacity profiles are off, after the round's observations).
+capacity profiles are off, after the round's observations) and, with ``eval_aligned``,
+``aligned_accuracy`` (:meth:`FederatedRun.aligned_accuracy`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class FederatedRun:
                                      make_profiles(samples, self.cost, config.capacity, config.seed), config)
         self.workspace = copy.deepcopy(model)
         self.train_config = TrainConfig(config.local_epochs, config.batch_size, config.lr, config.momentum,
-                                        config.aux_loss)
+                                        config.aux_loss, affinity=config.drift_rescore)
         self.x_test = torch.from_numpy(self.dataset.x_test)
         self.y_test = torch.from_numpy(self.dataset.y_test)
         self.history: list[dict] = []
@@ -105,8 +106,39 @@ class FederatedRun:
                   "sim_time": previous + report.seconds,
                   "time_error": float(np.median(np.abs(np.log(server.profiles.round_time(1)
                                                               / sim.expected_seconds(1)))))}
+        if self.config.eval_aligned:
+            record["aligned_accuracy"] = self.aligned_accuracy(plan.round, report.assigned)
         self.history.append(record)
         return record
+
+    @torch.no_grad()
+    def aligned_accuracy(self, round_: int, assigned: dict) -> float | None:
+        """What the clients' devices score with only the experts they were given: mean, over the clients in
+        ``assigned`` (client -> experts), of the global model's test accuracy with the gate masked to the
+        client's experts, each class weighted by its share of the client's data at round ``round_`` (so it
+        follows drift). None if no client was assigned experts. Unlike ``accuracy`` (all experts allowed),
+        it depends on which experts the alignment gives each client."""
+        model, y, classes = self.server.model, self.y_test, self.dataset.num_classes
+        counts = np.bincount(y.numpy(), minlength=classes).astype(np.float64)
+        per_class, scores = {}, []
+        model.eval()
+        try:
+            for client, experts in assigned.items():
+                key = tuple(int(e) for e in experts)
+                if key not in per_class:
+                    mask = torch.zeros(model.moe.num_experts, dtype=torch.bool)
+                    mask[list(key)] = True
+                    model.moe.set_expert_mask(mask)
+                    correct = torch.cat([model(self.x_test[lo:lo + 1024])[0].argmax(1) == y[lo:lo + 1024]
+                                         for lo in range(0, y.shape[0], 1024)])
+                    per_class[key] = np.bincount(y.numpy(), weights=correct.numpy().astype(np.float64),
+                                                 minlength=classes) / np.maximum(counts, 1)
+                labels = self.simulation.data(int(client), round_)[1].numpy()
+                share = np.bincount(labels, minlength=classes) / max(labels.size, 1)
+                scores.append(float(share @ per_class[key]))
+        finally:
+            model.moe.set_expert_mask(None)
+        return float(np.mean(scores)) if scores else None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -119,8 +151,9 @@ class FederatedRun:
         if state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
         saved, mine = dict(state["config"]), self.config.to_dict()
+        defaults = FederatedConfig().to_dict()  # an option newer than the checkpoint had its default
         differ = sorted(k for k in mine.keys() | saved.keys()
-                        if k != "rounds" and saved.get(k) != mine.get(k))
+                        if k != "rounds" and saved.get(k, defaults.get(k)) != mine.get(k))
         if differ:
             raise ValueError(f"checkpoint was written with a different config: options {differ} differ")
         self.server.load_state_dict(state["server"])

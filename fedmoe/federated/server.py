@@ -65,7 +65,8 @@ class RoundReport:
     kernel refused as non-finite (0 after fault filtering); ``fitness_error``: mean
     ``|feedback_before - fitness|`` over the accepted pairs before the update (how stale the fitness is on
     the clients' current data; None if none); ``drift_reset``: clients whose fitness row the drift
-    detector pulled back to the prior.
+    detector pulled back to the prior; ``drift_rescored``: those of them whose row was instead re-scored
+    from the gate affinity they sent (``drift_rescore``).
     """
 
     round: int
@@ -83,13 +84,15 @@ class RoundReport:
     rejected_rows: int
     fitness_error: float | None
     drift_reset: list[int]
+    drift_rescored: list[int]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def check_update(update: ClientUpdate, payload: ClientPayload) -> str | None:
-    """Why ``update`` cannot be aggregated for ``payload`` (None if it can)."""
+def check_update(update: ClientUpdate, payload: ClientPayload, num_experts: int | None = None) -> str | None:
+    """Why ``update`` cannot be aggregated for ``payload`` (None if it can). An ``affinity`` it carries
+    must be finite, >= 0 and of shape (``num_experts``,) (any length if None)."""
     k, p = payload.expert_rows.shape
     if not isinstance(update, ClientUpdate):
         return f"not a ClientUpdate: {type(update).__name__}"
@@ -120,6 +123,12 @@ def check_update(update: ClientUpdate, payload: ClientPayload) -> str | None:
         if np.any(arrays["share"] > 1) or np.any(arrays["accuracy"] > 1) or np.any(
                 arrays["samples"] > update.num_samples):
             return f"{field} share/accuracy must be <= 1 and samples <= num_samples"
+    if update.affinity is not None:
+        affinity = np.asarray(update.affinity)
+        if (affinity.ndim != 1 or (num_experts is not None and affinity.shape != (num_experts,))
+                or not np.issubdtype(affinity.dtype, np.number) or not np.all(np.isfinite(affinity))
+                or np.any(affinity < 0)):
+            return f"affinity must be finite, >= 0 and of shape ({num_experts},)"
     return None
 
 
@@ -201,7 +210,7 @@ class Server:
             received += reply.update.nbytes if isinstance(reply.update, ClientUpdate) else 0
             if deadline is not None and not reply.seconds <= deadline:
                 late[str(client)] = f"replied after {reply.seconds:.3g} s > deadline {deadline:.3g} s"
-            elif (reason := check_update(reply.update, payload)) is not None:
+            elif (reason := check_update(reply.update, payload, self.num_experts)) is not None:
                 invalid[str(client)] = reason
             else:
                 accepted.append(reply.update)
@@ -212,7 +221,10 @@ class Server:
         before = np.concatenate([u.feedback_before.fitness() for u in accepted] or [np.zeros(0)])
         values = before if self.config.fitness_signal == "before" else np.concatenate(
             [u.feedback.fitness() for u in accepted] or [np.zeros(0)])
-        reset, error = self.drift.step(self.fitness, clients, experts, before)  # drift shows before training
+        fresh = {u.client: u.affinity for u in accepted if u.affinity is not None} \
+            if self.config.drift_rescore else None
+        reset, error = self.drift.step(self.fitness, clients, experts, before,  # drift shows before training
+                                       rescore=fresh)
         self.fitness.update(clients, experts, values)
         self.load.update(experts, samples)
         if plan.payloads:
@@ -232,7 +244,8 @@ class Server:
             expert_samples=np.bincount(experts, weights=samples, minlength=self.num_experts).tolist(),
             train_loss=float(np.mean([u.train_loss for u in accepted])) if accepted else None,
             rejected_rows=rejected, fitness_error=float(error.mean()) if error.size else None,
-            drift_reset=reset.tolist())
+            drift_reset=reset.tolist(),
+            drift_rescored=[] if fresh is None else [c for c in reset.tolist() if c in fresh])
 
     def _merge(self, updates: list[ClientUpdate]) -> int:
         """Weighted FedAvg of the shared vectors (weights: local samples) and per-expert aggregation of the
