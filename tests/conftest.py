@@ -1,7 +1,12 @@
 """Test session setup: without a GPU, Triton kernels run under the interpreter on CPU tensors; Flower
-runs offline (no telemetry, no runtime dependency installation, no update check)."""
+runs offline (no telemetry, no runtime dependency installation, no update check). Shared fixtures:
+``one_thread`` (small models: intra-op threads only add contention on a shared 2-core machine) and
+``digits`` (a third of digits: enough for the federated loop, quick to train)."""
 
+import dataclasses
 import os
+
+import pytest
 
 os.environ.update(FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0",
                   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1")
@@ -15,3 +20,22 @@ if "TRITON_INTERPRET" not in os.environ:
         _has_cuda = False
     if not _has_cuda:
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from fedmoe.data import load_digits
+
+    d = load_digits()
+    return dataclasses.replace(d, x_train=d.x_train[:480], y_train=d.y_train[:480], x_test=d.x_test[:120],
+                               y_test=d.y_test[:120])

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from fedmoe.data import Dataset, load_digits
 from fedmoe.federated import (
     ClientPayload,
     ClientReply,
@@ -33,20 +32,8 @@ CFG = FederatedConfig(num_clients=6, clients_per_round=4, rounds=3, num_experts=
                       deadline=None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def digits() -> Dataset:
-    """A third of digits: enough for the loop, quick to train."""
-    d = load_digits()
-    return dataclasses.replace(d, x_train=d.x_train[:480], y_train=d.y_train[:480], x_test=d.x_test[:120],
-                               y_test=d.y_test[:120])
 
 
 def _model_state(run: FederatedRun) -> dict[str, torch.Tensor]:

@@ -23,13 +23,7 @@ COMPUTE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_reference(layer: MoELayer, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor):

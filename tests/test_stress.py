@@ -4,13 +4,10 @@ handling in the server, their config validation, and exact resume with all of th
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
-from fedmoe.data import Dataset, load_digits
 from fedmoe.federated import ClientPayload, FederatedConfig, FederatedRun, load_checkpoint, run_experiment
 
 CFG = FederatedConfig(num_clients=10, clients_per_round=10, rounds=4, num_experts=4, d_model=8, d_hidden=16,
@@ -18,19 +15,8 @@ CFG = FederatedConfig(num_clients=10, clients_per_round=10, rounds=4, num_expert
                       deadline=None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def digits() -> Dataset:
-    d = load_digits()
-    return dataclasses.replace(d, x_train=d.x_train[:480], y_train=d.y_train[:480], x_test=d.x_test[:120],
-                               y_test=d.y_test[:120])
 
 
 @pytest.mark.parametrize(("changes", "error", "match"), [
