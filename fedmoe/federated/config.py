@@ -18,6 +18,7 @@ from fedmoe.alignment import (
     _checks,
 )
 from fedmoe.data import PARTITIONS
+from fedmoe.federated.client import TrainConfig
 
 __all__ = ["CAPACITIES", "FITNESS_SIGNALS", "FederatedConfig"]
 
@@ -129,9 +130,6 @@ class FederatedConfig:
         if not channels or not all(type(c) is int and c > 0 for c in channels):
             raise ValueError(f"channels must be a non-empty sequence of positive ints, got {self.channels!r}")
         object.__setattr__(self, "channels", channels)
-        _checks.real("lr", self.lr, 0.0, lo_open=True)
-        _checks.real("momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        _checks.real("aux_loss", self.aux_loss, 0.0)
         _choice("strategy", self.strategy, tuple(STRATEGIES))
         _choice("fitness_signal", self.fitness_signal, FITNESS_SIGNALS)
         _checks.real("availability", self.availability, 0.0, 1.0, lo_open=True)
@@ -150,8 +148,10 @@ class FederatedConfig:
             _checks.real("deadline", self.deadline, 0.0, lo_open=True)
         elif self.strategy == "deadline-aware":
             raise ValueError("strategy 'deadline-aware' needs a deadline")
-        # the alignment configs check their own fields; their errors are prefixed with our option names
-        for options, build in ((("max_experts", "fit_weight", "load_weight"), self.strategy_config),
+        # the training and alignment configs check their own fields; their errors are prefixed with our
+        # option names
+        for options, build in ((("lr", "momentum", "aux_loss"), self.train_config),
+                               (("max_experts", "fit_weight", "load_weight"), self.strategy_config),
                                (("fitness_ema", "fitness_decay"), self.fitness_config),
                                (("load_decay",), self.load_config),
                                (("safety_margin", "profile_ema"), self.profile_config),
@@ -161,7 +161,11 @@ class FederatedConfig:
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{' / '.join(options)}: {exc}") from None
 
-    # ------------------------------------------------------------------ parts for the alignment engine
+    # ------------------------------------------------------- parts for the clients and the alignment engine
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(self.local_epochs, self.batch_size, self.lr, self.momentum, self.aux_loss,
+                           affinity=self.drift_rescore)
 
     def strategy_config(self) -> StrategyConfig:
         return StrategyConfig(name=self.strategy, max_experts=self.max_experts, seed=self.seed,

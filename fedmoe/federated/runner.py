@@ -26,7 +26,6 @@ from fedmoe.federated.checkpoint import load_checkpoint, save_checkpoint
 from fedmoe.federated.client import (
     ClientPayload,
     ClientUpdate,
-    TrainConfig,
     gate_affinity,
     shared_vector,
     train_client,
@@ -78,8 +77,7 @@ class FederatedRun:
         self.simulation = Simulation(self.dataset, self.parts,
                                      make_profiles(samples, self.cost, config.capacity, config.seed), config)
         self.workspace = copy.deepcopy(model)
-        self.train_config = TrainConfig(config.local_epochs, config.batch_size, config.lr, config.momentum,
-                                        config.aux_loss, affinity=config.drift_rescore)
+        self.train_config = config.train_config()
         self.x_test = torch.from_numpy(self.dataset.x_test)
         self.y_test = torch.from_numpy(self.dataset.y_test)
         self.history: list[dict] = []
