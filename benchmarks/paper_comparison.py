@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from seeds import mean_std
 
 from fedmoe.federated import (
     FederatedConfig,
@@ -95,11 +96,6 @@ def persistence(rounds: list[dict]) -> float:
 def starved(rounds: list[dict], window: int = 10) -> int:
     trained = np.sum([r["expert_samples"] for r in rounds[-window:]], axis=0)
     return int(np.sum(trained == 0))
-
-
-def mean_std(values) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import machine_info
+from seeds import mean_std
 
 from fedmoe.federated import (
     FederatedConfig,
@@ -103,13 +104,6 @@ def share(record: dict, reason: str | None = None) -> float:
     if reason is None:
         return len(record["late"]) / assigned
     return sum(why == reason for why in record["dropped"].values()) / assigned
-
-
-def mean_std(values) -> list:
-    values = [v for v in values if v is not None]
-    if not values:
-        return [None, None]
-    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
 
 
 def drift_figures(run: dict, drift_round: int) -> dict:
