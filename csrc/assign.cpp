@@ -3,6 +3,13 @@
 // max-weight maximum b-matching: choose pairs (i, j) with at most c_i per client, u_j per expert, no pair
 // where S_ij = -inf; first as many pairs as possible, then the largest total score.
 //
+// Saturating case (every client can get its c_i experts; almost every FL round): a dummy client takes the
+// spare capacity and the problem becomes a balanced transportation problem, solved by an epsilon-scaling
+// auction on per-client candidate lists (transport.hpp), started from the caller's warm prices, from zero
+// (few experts contested) or from the prices of a row sample (solved the same way, recursively). Its
+// prices give the LP duals, and the certificate below proves the result optimal on the full matrix.
+//
+// General case (or if the auction stalls):
 // 1. Prices. Expert prices p (duals of the expert capacities): a forward auction from zero first; if
 //    contention makes that slow, from the caller's warm start (e.g. the previous round's duals) or from
 //    solving a row sample with proportionally scaled expert capacities (recursively).
@@ -23,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <stdexcept>
 #include <thread>
@@ -31,6 +39,7 @@
 #include "auction.hpp"
 #include "candidates.hpp"
 #include "ssp.hpp"
+#include "transport.hpp"
 
 namespace py = pybind11;
 
@@ -240,10 +249,9 @@ Candidates auction_candidates(const SubProblem<T>& P, std::vector<double>& price
 template <typename T>
 std::vector<double> price_estimate(const SubProblem<T>& P, int extra, int threads);
 
-// Prices of a large cold problem from a row sample (1 in kSampleStride) with proportionally scaled
-// expert capacities.
+// A row sample of P (1 in kSampleStride) with proportionally scaled expert capacities.
 template <typename T>
-std::vector<double> sample_prices(const SubProblem<T>& P, int extra, int threads) {
+SubProblem<T> row_sample(const SubProblem<T>& P) {
   SubProblem<T> Q{P.S, P.E, P.dense_limit, {}, {}, {}};
   int64_t demand = 0, sampled = 0;
   for (size_t r = 0; r < P.rows.size(); ++r) {
@@ -278,6 +286,13 @@ std::vector<double> sample_prices(const SubProblem<T>& P, int extra, int threads
   std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) { return frac[x] > frac[y]; });
   for (int64_t k = 0; k < static_cast<int64_t>(std::llround(want)) - total && k < P.E; ++k) ++Q.u[order[k]];
   for (auto& x : Q.u) x = std::min<int32_t>(x, static_cast<int32_t>(Q.rows.size()));
+  return Q;
+}
+
+// Prices of a large cold problem from a row sample.
+template <typename T>
+std::vector<double> sample_prices(const SubProblem<T>& P, int extra, int threads) {
+  SubProblem<T> Q = row_sample(P);
   if (Q.rows.empty() || Q.rows.size() == P.rows.size()) return std::vector<double>(P.E, 0.0);
   return price_estimate(Q, extra, threads);
 }
@@ -313,6 +328,162 @@ std::vector<double> price_estimate(const SubProblem<T>& P, int extra, int thread
   return price;
 }
 
+// Certificate of X on the full matrix: true (and X's dual objective and verdict set) when no pair
+// violates the duals by more than X.tolerance and no augmenting path exists; otherwise `pairs` gets the
+// violating pairs and the non-candidate pairs of augmenting paths.
+template <typename T>
+bool certify(const SubProblem<T>& P, Solution& X, const Candidates& C, int extra, int threads,
+             std::vector<std::pair<int64_t, int32_t>>& pairs) {
+  const int64_t R = static_cast<int64_t>(P.rows.size()), E = P.E;
+  const double xi = reduced_cost_scan(P, X, X.tolerance, std::max(extra, 1), threads, pairs);
+  augmenting_paths(P, X, C, pairs);
+  if (!pairs.empty()) return false;
+  double dual = X.lambda * static_cast<double>(X.pairs) + xi;
+  for (int64_t r = 0; r < R; ++r) dual += P.c[r] * X.a[r];
+  for (int64_t j = 0; j < E; ++j) dual += P.u[j] * X.p[j];
+  X.dual_objective = dual;
+  // Dual feasible (no violating pair) and a zero gap up to rounding.
+  const double slack = 8.0 * X.tolerance * static_cast<double>(X.pairs + R + E);
+  X.certified = dual - X.objective <= slack + 1e-9 * std::abs(X.objective);
+  return true;
+}
+
+// Epsilon-scaling phases of the saturating auction: from range * 2^-first down by 2^-kStepBits per phase
+// to range * 2^-last (never below 2^-kFloorBits of the scores' magnitude: smaller raises would vanish in
+// rounding). A row sample's auction stops at kSampleBits; a certified solve at half the certificate's
+// tolerance.
+// Fine start 2^-kFineBits, with at most kFineBidsPerUnit bids per unit of demand per phase; coarse start
+// 2^-kCoarseBits; start from a sample's or the caller's prices 2^-kWarmBits.
+constexpr int kFineBits = 15, kCoarseBits = 6, kWarmBits = 19, kStepBits = 3, kSampleBits = 20;
+constexpr int kFloorBits = 42;
+constexpr int64_t kFineBidsPerUnit = 16;
+constexpr int64_t kBidsPerUnit = 64;  // per phase; more means the instance does not suit the auction
+constexpr int kListFactor = 2;  // auction lists start at c_i + kListFactor * extra: a rescan costs a whole row
+constexpr int64_t kSampleMinRows = 4096;  // smaller cold problems start from zero prices
+
+// The auction on P from `price` (candidate lists `C` selected at those prices), epsilon from
+// range * 2^-first_bits down to range * 2^-last_bits, or with last_bits = 0 to half the certificate
+// tolerance of P; at most bids_per_unit bids per unit of demand in a phase. With `uncontested`, gives
+// up unless at most half of the demand lands on full experts at `price` (each client taking its c_i best
+// listed experts). Null if it stalls or does not apply (sum c > sum u, or a client with fewer allowed
+// experts than c_i); `eps` gets the last epsilon.
+template <typename T>
+std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vector<double>& price, int first_bits,
+                                          int last_bits, int64_t bids_per_unit, bool uncontested, int extra,
+                                          int threads, Candidates& C, double& eps) {
+  const int64_t R = static_cast<int64_t>(P.rows.size());
+  int64_t demand = 0, supply = 0;
+  for (int32_t c : P.c) demand += c;
+  for (int32_t u : P.u) supply += u;
+  if (demand > supply) return nullptr;
+  C = select_candidates(P, price, kListFactor * extra, false, threads);
+  for (int64_t r = 0; r < R; ++r)
+    if (C.allowed[r] < P.c[r]) return nullptr;
+  if (!(C.hi >= C.lo)) return nullptr;
+  if (uncontested) {
+    std::vector<int64_t> wanted(P.E, 0);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k = C.off[r]; k < C.off[r] + P.c[r]; ++k) ++wanted[C.expert[k]];
+    int64_t excess = 0;
+    for (int64_t j = 0; j < P.E; ++j) excess += std::max<int64_t>(0, wanted[j] - P.u[j]);
+    if (2 * excess > demand) return nullptr;
+  }
+  const double range = C.hi > C.lo ? C.hi - C.lo : 1.0;
+  double magnitude = std::max(std::abs(C.hi), std::abs(C.lo)) + range;
+  for (double p : price) magnitude = std::max(magnitude, std::abs(p));
+  // Bounds from select_candidates are computed in T: allow for their rounding.
+  const double slack = 4.0 * std::numeric_limits<T>::epsilon() * magnitude;
+  auto A = std::make_unique<Transport<T>>(P, C, price, extra, slack);
+  // The tolerance of the exact solver (see extract) on this problem.
+  const double tolerance = 1e-12 * (magnitude + (static_cast<double>(std::min<int64_t>(R, P.E)) + 2.0) * range);
+  const double last = std::max(last_bits > 0 ? std::ldexp(range, -last_bits) : 0.5 * tolerance,
+                               std::ldexp(magnitude, -kFloorBits));
+  const int64_t budget = bids_per_unit * (A->units() + R);
+  for (eps = std::ldexp(range, -first_bits);; eps = std::max(last, std::ldexp(eps, -kStepBits))) {
+    if (!A->phase(eps, budget)) return nullptr;
+    if (eps <= last) break;
+  }
+  return A;
+}
+
+// The saturating auction on P, from the best start that works:
+// 1. the caller's warm start (e.g. the previous round's prices), at fine epsilon;
+// 2. zero prices at fine epsilon, with a small bid budget, where few experts are contested (for a large
+//    problem, only if that also worked on its row sample);
+// 3. for a large problem, the prices of a row sample (solved the same way), at fine epsilon;
+// 4. zero prices, coarse epsilon.
+// `zero_start` tells whether 2 did it.
+template <typename T>
+std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const std::vector<double>& warm,
+                                                 int last_bits, int extra, int threads, Candidates& C,
+                                                 double& eps, bool& zero_start) {
+  zero_start = false;
+  if (!warm.empty())
+    if (auto A = run_auction(P, warm, kWarmBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps)) return A;
+  const std::vector<double> zero(P.E, 0.0);
+  std::unique_ptr<Transport<T>> B;
+  bool sample_zero = true;
+  if (static_cast<int64_t>(P.rows.size()) >= kSampleMinRows) {
+    const SubProblem<T> Q = row_sample(P);
+    Candidates sample_lists;
+    double sample_eps = 0.0;
+    B = saturating_auction(Q, {}, kSampleBits, extra, threads, sample_lists, sample_eps, sample_zero);
+  }
+  if (sample_zero || !B) {
+    if (auto A = run_auction(P, zero, kFineBits, last_bits, kFineBidsPerUnit, true, extra, threads, C, eps)) {
+      zero_start = true;
+      return A;
+    }
+  }
+  if (B)
+    if (auto A = run_auction(P, B->price(), kWarmBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps)) return A;
+  return run_auction(P, zero, kCoarseBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps);
+}
+
+// The saturating case (every client can get its c_i experts, as in almost every FL round): the
+// epsilon-scaling auction of transport.hpp on candidate lists, then the full-matrix certificate. Returns
+// false (X untouched) when the case does not apply, the auction stalls or the certificate fails; the
+// caller then runs the general method.
+template <typename T>
+bool solve_saturating(const SubProblem<T>& P, const std::vector<double>& warm, int extra, int threads,
+                      Solution& X) {
+  const int64_t R = static_cast<int64_t>(P.rows.size()), E = P.E;
+  Candidates C;
+  double eps = 0.0;
+  bool zero_start = false;
+  auto A = saturating_auction(P, warm, 0, extra, threads, C, eps, zero_start);
+  if (!A) return false;
+  Solution Y;
+  std::vector<double> value;
+  A->finish(Y.off, Y.expert, value);
+  // Duals of the original problem from those of the balanced one (expert prices pi, client values v, and
+  // the dummy's -theta with theta the lowest price): p_j = pi_j - theta >= 0 and a_r + lambda = v_r + theta.
+  // The dual gap is then at most epsilon per unit of capacity. Experts without capacity and clients
+  // without demand cost nothing in the dual objective: their duals just cover every score.
+  const std::vector<double>& pi = A->price();
+  double theta = std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < E; ++j)
+    if (P.u[j] > 0) theta = std::min(theta, pi[j]);
+  Y.lambda = std::numeric_limits<double>::infinity();
+  for (int64_t r = 0; r < R; ++r)
+    if (P.c[r] > 0) Y.lambda = std::min(Y.lambda, value[r] + theta);
+  if (Y.lambda == std::numeric_limits<double>::infinity()) Y.lambda = 0.0;
+  const double cover = std::max(0.0, C.hi - Y.lambda);  // S_rj - lambda never exceeds it
+  Y.p.resize(E);
+  for (int64_t j = 0; j < E; ++j) Y.p[j] = P.u[j] > 0 ? pi[j] - theta : cover;
+  Y.a.resize(R);
+  for (int64_t r = 0; r < R; ++r) Y.a[r] = P.c[r] > 0 ? value[r] + theta - Y.lambda : cover;
+  Y.pairs = static_cast<int64_t>(Y.expert.size());
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = Y.off[r]; k < Y.off[r + 1]; ++k) Y.objective += P.score(r, Y.expert[k]);
+  Y.tolerance = 2.0 * eps;
+  std::vector<std::pair<int64_t, int32_t>> pairs;
+  if (!certify(P, Y, C, extra, threads, pairs)) return false;
+  Y.rounds = 1;
+  X = std::move(Y);
+  return true;
+}
+
 // The certified solution of P (see the top of this file).
 template <typename T>
 Solution solve(const SubProblem<T>& P, std::vector<double> price, int extra, int threads) {
@@ -323,6 +494,8 @@ Solution solve(const SubProblem<T>& P, std::vector<double> price, int extra, int
     if (price.empty()) price.assign(E, 0.0);
     C = select_candidates(P, price, extra, true, threads);
   } else {
+    Solution X;
+    if (solve_saturating(P, price, extra, threads, X)) return X;
     C = start_candidates(P, price, extra, threads, held);
   }
   BMatching M = make_matching(P, C, price);
@@ -335,18 +508,7 @@ Solution solve(const SubProblem<T>& P, std::vector<double> price, int extra, int
     M.solve();
     X = extract(P, M);
     std::vector<std::pair<int64_t, int32_t>> pairs;
-    const double xi = reduced_cost_scan(P, X, X.tolerance, std::max(extra, 1), threads, pairs);
-    augmenting_paths(P, X, C, pairs);
-    if (pairs.empty()) {
-      double dual = X.lambda * static_cast<double>(X.pairs) + xi;
-      for (int64_t r = 0; r < R; ++r) dual += P.c[r] * X.a[r];
-      for (int64_t j = 0; j < E; ++j) dual += P.u[j] * X.p[j];
-      X.dual_objective = dual;
-      // Dual feasible (no violating pair) and a zero gap up to rounding.
-      const double slack = 8.0 * X.tolerance * static_cast<double>(X.pairs + R + E);
-      X.certified = dual - X.objective <= slack + 1e-9 * std::abs(X.objective);
-      break;
-    }
+    if (certify(P, X, C, extra, threads, pairs)) break;
     std::sort(pairs.begin(), pairs.end());
     pairs.erase(std::unique(pairs.begin(), pairs.end()), pairs.end());
     const int64_t fresh = add_candidates(C, pairs);
