@@ -21,9 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <deque>
-#include <functional>
 #include <limits>
-#include <queue>
 #include <vector>
 
 #include "candidates.hpp"
@@ -69,6 +67,12 @@ class Transport {
     for (int32_t c : P.c) demand += c;
     dummy_need_ = place_off_[E_] - demand;
     queued_.assign(R_ + 1, 0);
+    marked_.assign(E_, 0);
+    for (int64_t j = 0; j < E_; ++j)
+      if (P.u[j] > 0) cheap_.push_back(static_cast<int32_t>(j));
+    std::sort(cheap_.begin(), cheap_.end(), [&](int32_t x, int32_t y) { return price_[x] < price_[y]; });
+    cheap_at_.assign(E_, -1);
+    for (size_t k = 0; k < cheap_.size(); ++k) cheap_at_[cheap_[k]] = static_cast<int64_t>(k);
   }
 
   int64_t units() const { return place_off_[E_]; }
@@ -94,9 +98,6 @@ class Transport {
           k = place_off_[j] - 1;  // vacate reorders the heap: look again
         }
     if (dummy_need_ > 0) push(queue, dummy());
-    cheap_ = {};
-    for (int64_t j = 0; j < E_; ++j)
-      if (P_.u[j] > 0) cheap_.emplace(price_[j], static_cast<int32_t>(j));
     int64_t bids = 0;
     for (; !queue.empty(); ++bids) {
       if (bids >= max_bids) return false;
@@ -146,21 +147,24 @@ class Transport {
     if (!queued_[r]) queued_[r] = 1, queue.push_back(r);
   }
 
-  bool holds(int64_t r, int32_t j) const {
+  // Mark (1) or unmark (0) the experts r holds in `marked_`.
+  void mark(int64_t r, char on) {
     const int32_t* h = hold_.data() + hold_off_[r];
-    return std::find(h, h + held_[r], j) != h + held_[r];
+    for (int32_t k = 0; k < held_[r]; ++k) marked_[h[k]] = on;
   }
 
   // Upper bound on the reduced score of any allowed expert off row r's list.
   double outside(int64_t r) const { return bound_[r] + slack_; }
 
   // The best reduced score of the experts on r's list that r does not hold.
-  double best_on_list(int64_t r) const {
+  double best_on_list(int64_t r) {
     double best = -std::numeric_limits<double>::infinity();
     const int32_t* l = list_.data() + list_off_[r];
     const double* ls = list_score_.data() + list_off_[r];
+    mark(r, 1);
     for (int32_t k = 0; k < list_len_[r]; ++k)
-      if (P_.u[l[k]] > 0 && !holds(r, l[k])) best = std::max(best, ls[k] - price_[l[k]]);
+      if (P_.u[l[k]] > 0 && !marked_[l[k]]) best = std::max(best, ls[k] - price_[l[k]]);
+    mark(r, 0);
     return best;
   }
 
@@ -199,13 +203,14 @@ class Transport {
       double* q = place_price_.data() + place_off_[j];
       int32_t* h = place_holder_.data() + place_off_[j];
       const int64_t n = P_.u[j];
-      bool raised = false;
+      bool changed = false;
       for (int64_t k = 0; k < n; ++k)
-        if (h[k] == dummy() && q[k] < floor) q[k] = floor, raised = true;
-      if (!raised) continue;
+        if (h[k] == dummy() && q[k] < floor) q[k] = floor, changed = true;
+      if (!changed) continue;
       for (int64_t i = n / 2 - 1; i >= 0; --i) sift_down(q, h, n, i, q[i], h[i]);
       price_[j] = q[0];
       pr_[j] = static_cast<T>(q[0]);
+      raised(static_cast<int32_t>(j));
     }
   }
 
@@ -251,10 +256,12 @@ class Transport {
       options_.clear();
       const int32_t* l = list_.data() + list_off_[r];
       const double* ls = list_score_.data() + list_off_[r];
+      mark(r, 1);
       for (int32_t k = 0; k < list_len_[r]; ++k) {
         const int32_t j = l[k];
-        if (P_.u[j] > 0 && !holds(r, j)) options_.emplace_back(ls[k] - price_[j], k);
+        if (P_.u[j] > 0 && !marked_[j]) options_.emplace_back(ls[k] - price_[j], k);
       }
+      mark(r, 0);
       const int64_t keep = std::min<int64_t>(need + 1, static_cast<int64_t>(options_.size()));
       std::partial_sort(options_.begin(), options_.begin() + keep, options_.end(),
                         [](const auto& x, const auto& y) { return x.first > y.first || (x.first == y.first && x.second < y.second); });
@@ -281,25 +288,30 @@ class Transport {
   }
 
   void dummy_bid(double eps, std::deque<int32_t>& queue) {
-    const int32_t j = top_cheap(-1);
+    const int32_t j = cheap_[0];
     const double* q = place_price_.data() + place_off_[j];
     const int64_t n = P_.u[j];
     double second = std::numeric_limits<double>::infinity();
     if (n > 1) second = q[1];
     if (n > 2) second = std::min(second, q[2]);
-    const int32_t next = top_cheap(j);
-    if (next >= 0) second = std::min(second, price_[next]);
+    for (size_t k = 1; k < std::min<size_t>(3, cheap_.size()); ++k) second = std::min(second, price_[cheap_[k]]);
     if (second == std::numeric_limits<double>::infinity()) second = price_[j];
     --dummy_need_;
     place(j, dummy(), second + eps, 0.0, queue);
   }
 
-  // The expert other than `skip` with the cheapest place, or -1 (stale entries and `skip`'s are dropped;
-  // place() pushes an expert again whenever its price changes).
-  int32_t top_cheap(int32_t skip) {
-    while (!cheap_.empty() && (cheap_.top().second == skip || cheap_.top().first != price_[cheap_.top().second]))
-      cheap_.pop();
-    return cheap_.empty() ? -1 : cheap_.top().second;
+  // Expert j's price rose: move it down the min-heap `cheap_` of experts by price (the dummy's choice).
+  void raised(int32_t j) {
+    const int64_t n = static_cast<int64_t>(cheap_.size());
+    int64_t i = cheap_at_[j];
+    for (;;) {
+      int64_t c = 2 * i + 1;
+      if (c >= n) break;
+      if (c + 1 < n && price_[cheap_[c + 1]] < price_[cheap_[c]]) ++c;
+      if (!(price_[cheap_[c]] < price_[j])) break;
+      cheap_[i] = cheap_[c], cheap_at_[cheap_[i]] = i, i = c;
+    }
+    cheap_[i] = j, cheap_at_[j] = i;
   }
 
   // Expert j's cheapest place goes to bidder r at price b (> that place's price); its holder is evicted.
@@ -329,7 +341,7 @@ class Transport {
     }
     price_[j] = q[0];
     pr_[j] = static_cast<T>(q[0]);
-    cheap_.emplace(price_[j], j);
+    raised(j);
   }
 
   const SubProblem<T>& P_;
@@ -340,11 +352,12 @@ class Transport {
   std::vector<int32_t> list_, list_len_, hold_, held_, place_holder_;
   std::vector<double> list_score_, bound_, paid_, hold_score_, place_price_;
   std::vector<T> pr_;
-  std::vector<char> queued_;
+  std::vector<char> queued_, marked_;
   RowScratch<T> scratch_;
   int64_t dummy_need_ = 0;
   bool stuck_ = false;
-  std::priority_queue<std::pair<double, int32_t>, std::vector<std::pair<double, int32_t>>, std::greater<>> cheap_;
+  std::vector<int32_t> cheap_;    // experts with places, a min-heap by price
+  std::vector<int64_t> cheap_at_;  // position of each expert in cheap_
   std::vector<std::pair<double, int32_t>> options_;
 };
 
