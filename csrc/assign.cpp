@@ -61,6 +61,7 @@ struct Solution {
   int64_t pairs = 0;
   double objective = 0.0, dual_objective = 0.0;
   bool certified = false;
+  bool auction = false;  // found by the saturating auction (else by the flow solver)
   int rounds = 0;
   int64_t pairs_added = 0;
 };
@@ -480,6 +481,7 @@ bool solve_saturating(const SubProblem<T>& P, const std::vector<double>& warm, i
   std::vector<std::pair<int64_t, int32_t>> pairs;
   if (!certify(P, Y, C, extra, threads, pairs)) return false;
   Y.rounds = 1;
+  Y.auction = true;
   X = std::move(Y);
   return true;
 }
@@ -559,6 +561,7 @@ py::dict solve_py(py::array_t<T, py::array::c_style> scores, py::array_t<int64_t
   out["certified"] = X.certified;
   out["rounds"] = X.rounds;
   out["pairs_added"] = X.pairs_added;
+  out["method"] = X.auction ? "auction" : "flow";
   return out;
 }
 

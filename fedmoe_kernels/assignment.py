@@ -39,6 +39,8 @@ class Certificate:
     and ``gap = dual_objective - objective`` (>= 0 up to rounding; 0 proves the score optimal among
     assignments with ``K`` pairs). ``certified`` is True when the reduced-cost scan found no violating
     pair and no augmenting path (so ``K`` is maximal). ``expert_price`` warm-starts the next call.
+    ``method`` names what found the assignment: ``"auction"`` (epsilon-scaling auction, when every client
+    can get its full capacity), ``"flow"`` (successive shortest paths, the general case) or ``"empty"``.
     """
 
     client_dual: np.ndarray
@@ -49,6 +51,7 @@ class Certificate:
     certified: bool
     rounds: int
     pairs_added: int
+    method: str
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ def assign(
 
     if n == 0 or e == 0:
         empty = np.zeros(0, dtype=np.int64)
-        cert = Certificate(np.zeros(n), np.zeros(e), 0.0, 0.0, 0.0, True, 0, 0)
+        cert = Certificate(np.zeros(n), np.zeros(e), 0.0, 0.0, 0.0, True, 0, 0, "empty")
         return Assignment(empty, empty.copy(), 0.0, (n, e), cert)
 
     from fedmoe_kernels import _assign
@@ -181,5 +184,6 @@ def assign(
         certified=bool(out["certified"]),
         rounds=int(out["rounds"]),
         pairs_added=int(out["pairs_added"]),
+        method=str(out["method"]),
     )
     return Assignment(out["clients"], out["experts"], float(out["objective"]), (n, e), cert)

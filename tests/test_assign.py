@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -145,6 +146,7 @@ def check_certificate(s, c, u, result: Assignment) -> None:
     assert cert.gap == pytest.approx(cert.dual_objective - result.objective, abs=1e-9 * (1 + abs(dual)))
     assert -tol <= cert.gap <= tol
     assert cert.rounds >= 0 and cert.pairs_added >= 0
+    assert cert.method in ("auction", "flow")
 
 
 def check_assign(s, c, u, result: Assignment, ref=None) -> None:
@@ -236,7 +238,50 @@ def _medium_contested(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_assign_medium_contested_instance(dtype, dense_limit):
     s, c, u, ref = _medium_contested(dtype)
-    check_assign(s, c, u, assign(s, c, u, dense_limit=dense_limit), ref=ref)
+    result = assign(s, c, u, dense_limit=dense_limit)
+    check_assign(s, c, u, result, ref=ref)
+    # Every client can get its capacity: the auction solves it, unless the problem is small enough for
+    # the dense flow solver.
+    assert result.certificate.method == ("auction" if dense_limit == SPARSE else "flow")
+
+
+@st.composite
+def saturating_instances(draw):
+    """Finite scores with enough expert capacity for every client's full capacity."""
+    n, e = draw(st.integers(1, 60)), draw(st.integers(1, 60))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    s = _scores(rng, draw(st.sampled_from(SCORE_KINDS)), n, e)
+    c = rng.integers(0, e + 1, n)
+    slack = draw(st.sampled_from([0.0, 0.1, 1.0]))  # 0: no spare capacity at all
+    u = np.full(e, max(1, math.ceil((1.0 + slack) * int(c.sum()) / e)))
+    return s, c, u
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(saturating_instances())
+def test_saturating_instances_are_solved_by_the_auction(inst):
+    s, c, u = inst
+    result = assign(s, c, u, dense_limit=SPARSE)
+    check_assign(s, c, u, result)
+    assert result.certificate.method == "auction"
+    assert result.certificate.rounds == 1 and result.certificate.pairs_added == 0
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["short of expert capacity", "a client with fewer allowed experts than its capacity"],
+)
+def test_non_saturating_instances_fall_back_to_the_flow_solver(case):
+    rng = np.random.default_rng(3)
+    s = rng.random((40, 12))
+    c, u = np.full(40, 3), np.full(12, 10)  # 120 wanted, 120 available
+    if case == "short of expert capacity":
+        u[0] = 9
+    else:
+        s[7, 2:] = -np.inf  # client 7 may use 2 experts but wants 3
+    result = assign(s, c, u, dense_limit=SPARSE)
+    check_assign(s, c, u, result)
+    assert result.certificate.method == "flow"
 
 
 @settings(max_examples=40, **SETTINGS)
