@@ -353,9 +353,10 @@ bool certify(const SubProblem<T>& P, Solution& X, const Candidates& C, int extra
 // to range * 2^-last (never below 2^-kFloorBits of the scores' magnitude: smaller raises would vanish in
 // rounding). A row sample's auction stops at kSampleBits; a certified solve at half the certificate's
 // tolerance.
-// Fine start 2^-kFineBits, with at most kFineBidsPerUnit bids per unit of demand per phase; coarse start
-// 2^-kCoarseBits; start from a sample's or the caller's prices 2^-kWarmBits.
-constexpr int kFineBits = 15, kCoarseBits = 6, kWarmBits = 19, kStepBits = 3, kSampleBits = 20;
+// From zero prices: fine 2^-kFineBits or coarse 2^-kCoarseBits; from a sample's or the caller's prices:
+// fine 2^-kWarmBits or medium 2^-kMediumBits. A fine start gives up after kFineBidsPerUnit bids per unit
+// of demand in a phase.
+constexpr int kFineBits = 15, kCoarseBits = 6, kWarmBits = 19, kMediumBits = 9, kStepBits = 3, kSampleBits = 20;
 constexpr int kFloorBits = 42;
 constexpr int64_t kFineBidsPerUnit = 16;
 constexpr int64_t kBidsPerUnit = 64;  // per phase; more means the instance does not suit the auction
@@ -408,10 +409,10 @@ std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vec
 }
 
 // The saturating auction on P, from the best start that works:
-// 1. the caller's warm start (e.g. the previous round's prices), at fine epsilon;
+// 1. the caller's warm start (e.g. the previous round's prices), at fine epsilon, else medium;
 // 2. zero prices at fine epsilon, with a small bid budget, where few experts are contested (for a large
 //    problem, only if that also worked on its row sample);
-// 3. for a large problem, the prices of a row sample (solved the same way), at fine epsilon;
+// 3. for a large problem, the prices of a row sample (solved the same way), at fine epsilon, else medium;
 // 4. zero prices, coarse epsilon.
 // `zero_start` tells whether 2 did it.
 template <typename T>
@@ -419,8 +420,13 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
                                                  int last_bits, int extra, int threads, Candidates& C,
                                                  double& eps, bool& zero_start) {
   zero_start = false;
+  // From estimated prices: fine epsilon with a small budget, then (they were far off) a medium one.
+  const auto from = [&](const std::vector<double>& price) {
+    auto A = run_auction(P, price, kWarmBits, last_bits, kFineBidsPerUnit, false, extra, threads, C, eps);
+    return A ? std::move(A) : run_auction(P, price, kMediumBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps);
+  };
   if (!warm.empty())
-    if (auto A = run_auction(P, warm, kWarmBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps)) return A;
+    if (auto A = from(warm)) return A;
   const std::vector<double> zero(P.E, 0.0);
   std::unique_ptr<Transport<T>> B;
   bool sample_zero = true;
@@ -437,7 +443,7 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
     }
   }
   if (B)
-    if (auto A = run_auction(P, B->price(), kWarmBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps)) return A;
+    if (auto A = from(B->price())) return A;
   return run_auction(P, zero, kCoarseBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps);
 }
 
