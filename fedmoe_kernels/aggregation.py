@@ -28,29 +28,32 @@ adds rows in the order they arrive; fed the rows of a batch in that order (in an
 calls) it gives bitwise the batch result of the same backend, unless a power-of-two rescale pushes values
 into subnormals; fed in another order, it agrees to float32 rounding. The two backends agree to float32
 rounding: Triton sums ``c * (row - base)``, torch sums ``c * row`` and subtracts ``(sum c) * base`` at the
-end (``c = w * s``), which spares it a gather of ``base`` per row. On torch each term is added with one
-``addcmul_`` (a fused multiply-add, rounded once, where torch's CPU kernel has one) for rows of at least
-256 KiB in the accumulation dtype, else rounded (``c * row``) and then added; the choice depends on the
-row length alone, so a batch and its rows streamed in any pieces make the same one.
+end (``c = w * s``), which spares it a gather of ``base`` per row. On torch each term is rounded (``c *
+row`` in the accumulation dtype) and then added, in either of its two ways of summing (below), so the way
+taken does not change the bits: it is chosen for speed alone.
 
 Passes. Neither backend converts or copies the rows whole.
-torch (the CPU default): a block of experts at a time, their accepted rows summed into the block, then their
-new values written. Rows of 256 KiB or more (in the accumulation dtype) are summed one expert at a time,
-one row per ``addcmul_`` on a view of the row (a call per row, negligible next to the row). Shorter rows
-are summed with as many experts per block as keep their ``[n, P]`` sums within 4 MiB, a tile of rows
-(about 1 MiB in the accumulation dtype; slices of the rows when the block has every row, else gathered)
-at a time: scaled into a reused buffer and added with one ``index_add_``, so a few torch calls per tile
-whatever the number of rows. Without clipping, and unless float64 rows meet a float32 bank, that reads
-the rows once: every row is taken as accepted, and as a sum with a value that is not finite in it is not
-finite, only the experts whose sums are not finite (a bad row, or finite values whose sum overflows) are
-left unwritten, given per-row verdicts and summed again over their accepted rows. Clipping (the deltas'
-norms) and float64 rows for a float32 bank (values beyond float32 range) need the verdicts first: a pass
-over whole rows about 1 MiB at a time (converted; deltas and norms), then the sums, so two reads.
+torch (the CPU default): a block of experts at a time (as many as keep their ``[n, P]`` sums within 4 MiB,
+1 MiB for rows of 128 KiB or more), their accepted rows summed into the block, then their new values
+written; a few torch calls per block or tile, whatever the number of experts and rows. Rows of 128 KiB or
+more, on the CPU and already in the accumulation dtype, are summed with one sparse-dense product per block:
+``torch.mm`` of a CSR matrix ``[n, M]`` holding the coefficients times the rows where they lie (no gather,
+no copy; MKL's on Linux), taken only if a bitwise check at first use finds that it sums as the tiles do
+(else tiles). Other rows are summed a tile of rows (about 1 MiB in the accumulation dtype; slices of the
+rows when the block has every row, else gathered) at a time: scaled into a reused buffer and added with one
+``index_add_`` (which the product beats on long rows, and loses to on short ones). Without clipping, and
+unless float64 rows meet a float32 bank, that reads the rows once: every row is taken as accepted, and as a
+sum with a value that is not finite in it is not finite, only the experts whose sums are not finite (a bad
+row, or finite values whose sum overflows) are left unwritten, given per-row verdicts and summed again over
+their accepted rows. Clipping (the deltas' norms) and float64 rows for a float32 bank (values beyond float32
+range) need the verdicts first: a pass over whole rows about 1 MiB at a time (converted; deltas and norms),
+then the sums, so two reads.
 Triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``): a verdict
 launch (finiteness, clipping norms), then one launch over (column block, expert) that sums in registers and
 reads and writes the bank once; see :mod:`fedmoe_kernels.backend.aggregate`. The streaming form gives each
 added batch its verdicts first (on torch a second read, of rows likely still in cache), keeps ``[E, P]`` sums
-(that is its O(E*P) memory) and writes the bank in :meth:`Accumulator.result`.
+(that is its O(E*P) memory; on torch each batch is added to them in tiles, where they lie) and writes the
+bank in :meth:`Accumulator.result`.
 
 In place. ``out=base`` (or ``out`` the same view of the same memory) updates the bank where it lies, so
 parameters that are views of the flat ``[E, P]`` bank see the new values; no copy of the bank is made.
@@ -59,9 +62,10 @@ Out of place, ``out`` (a new tensor by default) receives ``base`` for the expert
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +75,10 @@ from fedmoe_kernels._backend import resolve
 __all__ = ["Accumulator", "AggregateResult", "aggregate"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CHUNK_BYTES = 1 << 20  # torch path: bytes of rows per step of a verdict pass that converts or clips
-_BLOCK_BYTES = 1 << 18  # torch path: bytes of the sums of the experts summed side by side
-_TILED_BLOCK_BYTES = 1 << 22  # torch path: the same for rows summed a tile at a time
-_ROUND_BYTES = 1 << 18  # torch path: rows this long or longer (accumulation dtype) are summed one per call
+_CHUNK_BYTES = 1 << 20  # torch path: bytes of rows per tile, and per step of the verdict pass over rows
+_BLOCK_BYTES = 1 << 22  # torch path: bytes of the sums of the experts summed side by side (a block)
+_LONG_BLOCK_BYTES = 1 << 20  # the same for rows of _PRODUCT_BYTES or more
+_PRODUCT_BYTES = 1 << 17  # torch path: rows this long or longer (accumulation dtype) are summed by a product
 _K_NONE = -1100  # weight exponent of an expert that has seen no positive weight (below any float64's)
 
 
@@ -271,13 +275,10 @@ def _torch_verdicts(
 def _blocks(
     experts: torch.Tensor, keep: torch.Tensor, num_experts: int, p: int, acc: torch.dtype
 ) -> list[list[int]]:
-    """The experts with rows that ``keep`` (bool [M]) holds, most rows first (ties: ascending), a block
-    at a time."""
-    counts = torch.bincount(experts[keep], minlength=num_experts)
-    touched = torch.nonzero(counts).squeeze(1)
-    order = touched[torch.sort(counts[touched], descending=True, stable=True).indices].tolist()
+    """The experts with rows that ``keep`` (bool [M]) holds, ascending, ``_experts_per_block`` at a time."""
+    touched = torch.nonzero(torch.bincount(experts[keep], minlength=num_experts)).squeeze(1).tolist()
     step = _experts_per_block(p, acc)
-    return [order[lo : lo + step] for lo in range(0, len(order), step)]
+    return [touched[lo : lo + step] for lo in range(0, len(touched), step)]
 
 
 def _block_rows(
@@ -301,15 +302,19 @@ def _block_rows(
 
 
 def _experts_per_block(p: int, acc: torch.dtype) -> int:
-    """Experts summed side by side: as many as keep their ``[n, P]`` sums within ``_BLOCK_BYTES`` (and a
-    round's gathered rows: one expert at a time for long rows), ``_TILED_BLOCK_BYTES`` for short rows
-    (``_per_row``)."""
-    return max(1, (_BLOCK_BYTES if _per_row(p, acc) else _TILED_BLOCK_BYTES) // (p * acc.itemsize))
+    """Experts summed side by side: as many as keep their ``[n, P]`` sums within ``_BLOCK_BYTES`` (many
+    experts of short rows: a block with every row takes its tiles as slices of the rows, not gathered), or
+    ``_LONG_BLOCK_BYTES`` for rows of ``_PRODUCT_BYTES`` or more (a few experts hold enough data per call)."""
+    row = p * acc.itemsize
+    return max(1, (_LONG_BLOCK_BYTES if row >= _PRODUCT_BYTES else _BLOCK_BYTES) // row)
 
 
 def _index(ids: list[int], device: torch.device) -> slice | torch.Tensor:
-    """Index of the (non-empty) ``ids``: a slice (a view, no gather) for one, else a tensor."""
-    return slice(ids[0], ids[0] + 1) if len(ids) == 1 else torch.tensor(ids, device=device)
+    """Index of the (non-empty, ascending) ``ids``: a slice (a view, no gather) where they are consecutive,
+    else a tensor."""
+    if ids[-1] - ids[0] + 1 == len(ids):
+        return slice(ids[0], ids[-1] + 1)
+    return torch.tensor(ids, device=device)
 
 
 def _take(t: torch.Tensor, at: slice | torch.Tensor) -> torch.Tensor:
@@ -317,52 +322,17 @@ def _take(t: torch.Tensor, at: slice | torch.Tensor) -> torch.Tensor:
     return t[at] if isinstance(at, slice) else t.index_select(0, at)
 
 
-def _per_row(p: int, acc: torch.dtype) -> bool:
-    """Whether rows of ``p`` values are summed one per torch call (``_sum_rounds``: rows of at least
-    ``_ROUND_BYTES`` in the accumulation dtype), else a tile of rows per call (``_sum_tiles``). A function
-    of the row length alone, so that a batch and its rows streamed in any pieces take the same path."""
-    return p * acc.itemsize >= _ROUND_BYTES
-
-
-def _sum_rows(
-    sums: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor
-) -> None:
-    """``sums[slots[i]] += coef[ids[i]] * rows[ids[i]]`` (``coef``: [M, 1]) in ascending ``ids``
-    (``_block_rows``; ``slots`` run from the expert with the most rows to the one with the fewest):
-    ``_sum_rounds`` or ``_sum_tiles`` (``_per_row``)."""
-    if ids.numel():
-        (_sum_rounds if _per_row(rows.shape[1], sums.dtype) else _sum_tiles)(sums, rows, ids, slots, coef)
-
-
-def _sum_rounds(
-    sums: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor
-) -> None:
-    """Long rows: round ``k`` adds the ``k``-th row of every slot that has one (a prefix of ``sums``) with
-    one ``addcmul_`` (a fused multiply-add where torch's CPU kernel has one), on a view of the row where
-    the round has one, else on the round's rows gathered."""
-    lists = [[] for _ in range(int(slots.max()) + 1)]
-    for r, j in zip(ids.tolist(), slots.tolist(), strict=True):  # long rows: few of them
-        lists[j].append(r)
-    rounds = [[r for r in rs if r is not None] for rs in itertools.zip_longest(*lists)]
-    first = [r for rs in rounds for r in rs]
-    order, sizes = torch.tensor(first, dtype=torch.int64, device=rows.device), [len(rs) for rs in rounds]
-    c = coef.index_select(0, order)
-    lo = 0
-    for n in sizes:
-        x = rows[first[lo] : first[lo] + 1] if n == 1 else rows.index_select(0, order[lo : lo + n])
-        sums[:n].addcmul_(x, c[lo : lo + n])
-        lo += n
-
-
 def _sum_tiles(
     sums: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor
 ) -> None:
-    """Short rows: a tile of rows (about ``_CHUNK_BYTES``) at a time is scaled into a reused buffer in the
-    dtype of ``sums`` (``c * row`` rounded) and added to the sums with one ``index_add_`` (sequential in
-    row order). Tiles are slices of ``rows`` when ``ids`` are every row, else gathered into a reused
-    buffer."""
+    """``sums[slots[i]] += coef[ids[i]] * rows[ids[i]]`` (``coef``: [M, 1]) in ascending ``ids``, each term
+    rounded (``c * row`` in the dtype of ``sums``) then added: a tile of rows (about ``_CHUNK_BYTES``) at
+    a time is scaled into a reused buffer and added with one ``index_add_`` (sequential in row order).
+    Tiles are slices of ``rows`` when ``ids`` are every row, else gathered into a reused buffer."""
     m, p = rows.shape
     count = ids.numel()
+    if not count:
+        return
     whole = count == m  # every row, ascending
     c = coef.index_select(0, ids)
     step = max(1, _CHUNK_BYTES // (p * sums.element_size()))
@@ -372,6 +342,66 @@ def _sum_tiles(
         hi = min(count, lo + step)
         x = rows[lo:hi] if whole else torch.index_select(rows, 0, ids[lo:hi], out=gather[: hi - lo])
         sums.index_add_(0, slots[lo:hi], torch.mul(x, c[lo:hi], out=tile[: hi - lo]))
+
+
+def _sum_product(
+    sums: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor
+) -> None:
+    """``sums`` ([n, P]) set to the sums of ``_sum_tiles`` (from zero) with one sparse-dense product: a CSR
+    matrix [n, M] (row ``slots[i]`` holds ``coef[ids[i]]`` at column ``ids[i]``) times ``rows``, which are
+    read where they lie (no gather, no copy: ``_by_product``), written into ``sums``."""
+    order = torch.sort(slots, stable=True).indices  # by slot, ascending rows within
+    crow = torch.zeros(sums.shape[0] + 1, dtype=torch.int32, device=rows.device)
+    torch.cumsum(torch.bincount(slots, minlength=sums.shape[0]), 0, out=crow[1:])
+    at = ids[order]
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        matrix = torch.sparse_csr_tensor(
+            crow, at.int(), coef[at, 0], (sums.shape[0], rows.shape[0]), check_invariants=False
+        )
+    torch.mm(matrix, rows, out=sums)
+
+
+@functools.cache
+def _product_is_sequential(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU sparse-dense product (MKL's on Linux) sums as ``_sum_tiles`` does (each term
+    rounded then added, in column order: no fused multiply-add, no reordering), checked bitwise once per
+    dtype on a small case with tails; False where the product is not implemented."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(48, 67, generator=g, dtype=dtype)
+    ids = torch.arange(1, 48)
+    slots = torch.randint(0, 5, (47,), generator=g)
+    coef = torch.rand(48, 1, generator=g, dtype=dtype)
+    want = torch.zeros(5, 67, dtype=dtype)
+    _sum_tiles(want, rows, ids, slots, coef)
+    got = torch.full_like(want, math.nan)
+    try:
+        _sum_product(got, rows, ids, slots, coef)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return torch.equal(got, want)
+
+
+def _by_product(rows: torch.Tensor, acc: torch.dtype) -> bool:
+    """Whether a block's sums are taken with ``_sum_product`` (faster than tiles for long rows, slower for
+    short ones): rows of at least ``_PRODUCT_BYTES``, on the CPU, already in the accumulation dtype and in
+    BLAS row-major order (else torch would copy them), 32-bit sizes, and a sequential product."""
+    m, p = rows.shape
+    return (
+        p * acc.itemsize >= _PRODUCT_BYTES and rows.device.type == "cpu" and rows.dtype == acc
+        and rows.stride(1) == 1 and p <= rows.stride(0) < 2**31 and m < 2**31 and _product_is_sequential(acc)
+    )
+
+
+def _block_sums(
+    sums: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, slots: torch.Tensor, coef: torch.Tensor
+) -> None:
+    """``sums`` ([n, P]) set to ``sum_i coef[ids[i]] * rows[ids[i]]`` per slot: ``_sum_product`` where
+    ``_by_product``, else ``_sum_tiles`` into zeros. The same bits either way."""
+    if _by_product(rows, sums.dtype):
+        _sum_product(sums, rows, ids, slots, coef)
+    else:
+        _sum_tiles(sums.zero_(), rows, ids, slots, coef)
 
 
 def _finish_factors(
@@ -418,7 +448,7 @@ def _torch_experts(
     csum: torch.Tensor, lr: float, base: torch.Tensor, out: torch.Tensor, check: bool,
 ) -> list[int]:
     """A block of the experts of the rows that ``keep`` holds at a time: their sums of ``coef * row``
-    over those rows (``_sum_rows``), then the new values of those whose weight sum is positive
+    over those rows (``_block_sums``), then the new values of those whose weight sum is positive
     (``_finish``). With ``check``, the experts whose sums are not finite are left as they are and
     returned."""
     factor, neg_c = _finish_factors(wsum, csum, lr, coef.dtype)
@@ -428,8 +458,8 @@ def _torch_experts(
     block = torch.empty((len(blocks[0]) if blocks else 0, p), dtype=coef.dtype, device=base.device)
     failed = []
     for group, (ids, slots) in zip(blocks, _block_rows(experts, keep, blocks, num_experts), strict=True):
-        sums = block[: len(group)].zero_()
-        _sum_rows(sums, rows, ids, slots, coef[:, None])
+        sums = block[: len(group)]
+        _block_sums(sums, rows, ids, slots, coef[:, None])
         finite = torch.isfinite(sums.sum(dim=1)).tolist() if check else [True] * len(group)
         failed += [e for e, f in zip(group, finite, strict=True) if not f]
         write = [j for j, e in enumerate(group) if finite[j] and positive[e]]
@@ -606,14 +636,8 @@ class Accumulator:
             ok, coef = _torch_verdicts(rows, experts, wscaled, self._base, sums.dtype, self._max_norm)
             self._wsum.index_add_(0, experts, torch.where(ok, wscaled, 0.0))
             self._csum.index_add_(0, experts, coef.to(torch.float64))
-            blocks = _blocks(experts, ok, self.num_experts, sums.shape[1], sums.dtype)
-            placed = _block_rows(experts, ok, blocks, self.num_experts)
-            for group, (ids, slots) in zip(blocks, placed, strict=True):
-                at = _index(group, rows.device)
-                block = _take(sums, at)  # a view of one expert's sums, else a gather written back
-                _sum_rows(block, rows, ids, slots, coef[:, None])
-                if not isinstance(at, slice):
-                    sums.index_copy_(0, at, block)
+            ids = torch.nonzero(ok).squeeze(1)
+            _sum_tiles(sums, rows, ids, experts[ids], coef[:, None])  # added where the sums lie
         else:
             from fedmoe_kernels.backend.aggregate import aggregate_rows
 

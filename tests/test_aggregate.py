@@ -71,13 +71,14 @@ def clip_norm(p: int) -> float:
 # ---------------------------------------------------------------- against the reference
 
 
-PATHS = {"rounds": 0, "tiles": 1 << 62}  # _ROUND_BYTES: every row one per call; every row in tiles
+PATHS = {"product": 0, "tiles": 1 << 62}  # _PRODUCT_BYTES: every row by a product (if it may); in tiles
 
 
 @pytest.fixture(params=list(PATHS))
 def torch_path(request, monkeypatch):
-    """Force the torch path's per-row rounds or its tiles, whatever the row length."""
-    monkeypatch.setattr(aggregation, "_ROUND_BYTES", PATHS[request.param])
+    """Force the torch batch path's sparse-dense product (rows in the accumulation dtype) or its tiles,
+    whatever the row length."""
+    monkeypatch.setattr(aggregation, "_PRODUCT_BYTES", PATHS[request.param])
     return request.param
 
 
@@ -345,7 +346,7 @@ def assert_same(res: AggregateResult, other: AggregateResult) -> None:
 )
 def test_sums_first_equal_verdicts_first(m, p, e, bad, zero, huge, huge_value, dtype, block, path, lr, seed):
     """Non-finite values anywhere, zero weights, huge rows (finite float32 whose sums overflow, or beyond
-    float32 and so rejected): on either path (rounds, tiles), the batch (out of place and in place) gives the
+    float32 and so rejected): on either path (product, tiles), the batch (out of place and in place) gives the
     bits of the verdicts-first path and of the streaming form, and rejects exactly the rows not finite in
     float32."""
     rows, experts, weights, base = make_case(m, p, e, dtype=dtype, seed=seed, bad_rows=False)
@@ -353,7 +354,7 @@ def test_sums_first_equal_verdicts_first(m, p, e, bad, zero, huge, huge_value, d
         rows[r % m, c % p] = value
     weights[[r % m for r in zero]] = 0.0
     rows[[r % m for r in huge]] = torch.tensor(huge_value, dtype=torch.float64).to(dtype)  # may be inf
-    blocks = dict(_BLOCK_BYTES=block, _TILED_BLOCK_BYTES=block, _ROUND_BYTES=PATHS[path])
+    blocks = dict(_BLOCK_BYTES=block, _LONG_BLOCK_BYTES=block, _PRODUCT_BYTES=PATHS[path])
     with mock.patch.multiple(aggregation, **blocks):
         res = aggregate(rows, experts, weights, e, base, lr=lr, backend="torch")
         assert_same(res, verdicts_first(rows, experts, weights, e, base, lr=lr))
@@ -380,45 +381,113 @@ def test_sums_first_equal_verdicts_first(m, p, e, bad, zero, huge, huge_value, d
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
     seed=st.integers(0, 2**16),
 )
-def test_rounds_and_tiles_agree(m, p, e, block, chunk, max_norm, dtype, seed):
-    """The two torch paths add the same terms in the same order: counts and weight sums are identical, the
-    bank equal to the rounding of the last step (a fused multiply-add or not), both match the reference,
-    and each path's bits do not depend on the block or tile size."""
+def test_product_and_tiles_agree(m, p, e, block, chunk, max_norm, dtype, seed):
+    """The two torch batch paths add the same rounded terms in the same order: the same bits, which match
+    the reference and do not depend on the block or tile size."""
     rows, experts, weights, base = make_case(m, p, e, dtype=dtype, seed=seed)
     base_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     base = base.to(base_dtype)
     results = {}
-    for path, round_bytes in PATHS.items():
+    for path, product_bytes in PATHS.items():
         args = (rows, experts, weights, e, base)
-        with mock.patch.object(aggregation, "_ROUND_BYTES", round_bytes):
+        with mock.patch.object(aggregation, "_PRODUCT_BYTES", product_bytes):
             res = aggregate(*args, max_norm=max_norm, backend="torch")
-            sizes = dict(_BLOCK_BYTES=block, _TILED_BLOCK_BYTES=block, _CHUNK_BYTES=chunk)
+            sizes = dict(_BLOCK_BYTES=block, _LONG_BLOCK_BYTES=block, _CHUNK_BYTES=chunk)
             with mock.patch.multiple(aggregation, **sizes):
                 assert_same(res, aggregate(*args, max_norm=max_norm, backend="torch"))
         check(res, rows, experts, weights, base, max_norm=max_norm)
         results[path] = res
-    rounds, tiles = results["rounds"], results["tiles"]
-    assert torch.equal(rounds.accepted, tiles.accepted) and torch.equal(rounds.rejected, tiles.rejected)
-    assert torch.equal(rounds.weight_sum, tiles.weight_sum)
-    tol = TOL[base_dtype]
-    torch.testing.assert_close(rounds.bank, tiles.bank, rtol=tol, atol=tol)
+    assert_same(results["product"], results["tiles"])
 
 
-@pytest.mark.parametrize("p,path", [(8, "_sum_tiles"), (1 << 16, "_sum_rounds")])
-def test_path_follows_row_length(monkeypatch, p, path):
-    """Short rows are summed in tiles, rows of ``_ROUND_BYTES`` or more one per call, in the batch and the
-    streaming form alike."""
+def spy_sums(monkeypatch) -> list[str]:
+    """Record the names of the torch path's summing functions as they are called."""
     calls = []
-    for name in ("_sum_tiles", "_sum_rounds"):
+    for name in ("_sum_tiles", "_sum_product"):
         fn = getattr(aggregation, name)
         monkeypatch.setattr(aggregation, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
-    rows, experts, weights, base = make_case(6, p, 2, seed=23)
-    aggregate(rows, experts, weights, 2, base, backend="torch")
-    Accumulator(base, backend="torch").add(rows, experts, weights)
-    assert calls and set(calls) == {path}
+    return calls
 
 
-@pytest.mark.parametrize("p", [64, 40_000])  # several experts per block; one
+SEQUENTIAL = aggregation._product_is_sequential(torch.float32) and DEVICE == "cpu"
+
+
+@pytest.mark.skipif(not SEQUENTIAL, reason="the sparse-dense product is not taken here (CUDA, or no MKL)")
+@pytest.mark.parametrize(
+    "p,dtype,layout,batch",
+    [
+        (8, torch.float32, "dense", "_sum_tiles"),  # short rows
+        (1 << 15, torch.float32, "dense", "_sum_product"),  # 128 KiB: long rows
+        (1 << 15, torch.float32, "wide", "_sum_product"),  # views of wider rows: read where they lie
+        (1 << 15, torch.float32, "columns", "_sum_tiles"),  # column-major: the product would copy them
+        (1 << 15, torch.bfloat16, "dense", "_sum_tiles"),  # converted to float32: tiles
+    ],
+)
+def test_path_follows_rows(monkeypatch, p, dtype, layout, batch):
+    """The batch sums long rows already in the accumulation dtype and in row-major order with one product
+    per block, other rows in tiles; the streaming form adds every batch in tiles. The bits are the same."""
+    rows, experts, weights, base = make_case(6, p, 2, dtype=dtype, seed=23)
+    if layout == "wide":
+        rows = torch.cat([rows, rows[:, :3]], dim=1)[:, :p]
+    elif layout == "columns":
+        rows = rows.T.contiguous().T
+    calls = spy_sums(monkeypatch)
+    res = aggregate(rows, experts, weights, 2, base, backend="torch")
+    assert calls and set(calls) == {batch}
+    calls.clear()
+    acc = Accumulator(base, backend="torch")
+    acc.add(rows, experts, weights)
+    assert calls == ["_sum_tiles"]
+    assert_same(res, acc.result())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clip", [False, True])
+def test_long_rows_streaming_equals_batch_bitwise(monkeypatch, dtype, clip):
+    """Rows of 128 KiB or more (the batch's product, where it is taken) against the streaming form's tiles,
+    over several blocks and tiles: bad rows, zero weights, growing weights (rescaled sums), rows streamed one
+    by one and in uneven pieces, in place or not: the same bits, call after call."""
+    monkeypatch.setattr(aggregation, "_LONG_BLOCK_BYTES", 3 << 17)  # 3 experts per block at 128 KiB rows
+    monkeypatch.setattr(aggregation, "_CHUNK_BYTES", 3 << 17)  # tiles of 3 rows
+    m, p, e = 40, (1 << 17) // dtype.itemsize, 7
+    max_norm = clip_norm(p) if clip else None
+    rows, experts, weights, base = make_case(m, p, e, dtype=dtype, base_dtype=dtype, seed=24)
+    weights = weights.double() * torch.logspace(-20, 20, m, dtype=torch.float64, device=DEVICE)
+    weights[[5, 6]] = 0.0
+    rows[7, 100] = 1e300 if dtype == torch.float64 else 3e38  # finite; sums with it may overflow
+    product = aggregation._product_is_sequential(dtype) and DEVICE == "cpu"  # checked before the spy
+    calls = spy_sums(monkeypatch)
+    batch = aggregate(rows, experts, weights, e, base, max_norm=max_norm, lr=0.7, backend="torch")
+    assert ("_sum_product" in calls) == product
+    check(batch, rows, experts, weights, base, max_norm=max_norm, lr=0.7)
+    assert_same(batch, aggregate(rows, experts, weights, e, base, max_norm=max_norm, lr=0.7, backend="torch"))
+    bank = base.clone()
+    assert_same(batch, aggregate(rows, experts, weights, e, bank, max_norm=max_norm, lr=0.7, out=bank,
+                                 backend="torch"))
+    for cuts in (list(range(m + 1)), split_points(m, 5, seed=3)):
+        acc = Accumulator(base, max_norm=max_norm, backend="torch")
+        for lo, hi in itertools.pairwise(cuts):
+            acc.add(rows[lo:hi], experts[lo:hi], weights[lo:hi])
+        assert_same(batch, acc.result(lr=0.7))
+
+
+@pytest.mark.skipif(not SEQUENTIAL, reason="the sparse-dense product is not taken here (CUDA, or no MKL)")
+def test_product_is_deterministic_across_threads():
+    """The product's bits do not depend on the number of torch threads (nor on the run)."""
+    rows, experts, weights, base = make_case(64, 1 << 15, 9, seed=25)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 1, 4):
+            torch.set_num_threads(n)
+            results.append(aggregate(rows, experts, weights, 9, base, backend="torch"))
+    finally:
+        torch.set_num_threads(threads)
+    for res in results[1:]:
+        assert_same(results[0], res)
+
+
+@pytest.mark.parametrize("p", [64, 40_000])  # tiles; the product (where it is taken)
 def test_finite_rows_whose_sum_overflows_are_accepted(p):
     """A sum of finite rows that overflows is not finite: the rows are tested one by one, found finite
     and accepted; the float32 sums overflow where the rows are huge, as with the verdicts first."""
