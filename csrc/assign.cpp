@@ -409,7 +409,7 @@ std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vec
 }
 
 // The saturating auction on P, from the best start that works:
-// 1. the caller's warm start (e.g. the previous round's prices), at fine epsilon;
+// 1. the caller's warm start (e.g. the previous round's prices), at fine epsilon, else medium;
 // 2. zero prices at fine epsilon, with a small bid budget, where few experts are contested (for a large
 //    problem, only if that also worked on its row sample);
 // 3. for a large problem, the prices of a row sample (solved the same way), at fine epsilon, else medium;
@@ -420,8 +420,13 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
                                                  int last_bits, int extra, int threads, Candidates& C,
                                                  double& eps, bool& zero_start) {
   zero_start = false;
-  if (!warm.empty())  // a warm start far off (it stalls) is worse than a cold start
-    if (auto A = run_auction(P, warm, kWarmBits, last_bits, kFineBidsPerUnit, false, extra, threads, C, eps)) return A;
+  // From estimated prices: fine epsilon with a small budget, then (they were far off) a medium one.
+  const auto from = [&](const std::vector<double>& price) {
+    auto A = run_auction(P, price, kWarmBits, last_bits, kFineBidsPerUnit, false, extra, threads, C, eps);
+    return A ? std::move(A) : run_auction(P, price, kMediumBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps);
+  };
+  if (!warm.empty())
+    if (auto A = from(warm)) return A;
   const std::vector<double> zero(P.E, 0.0);
   std::unique_ptr<Transport<T>> B;
   bool sample_zero = true;
@@ -437,10 +442,8 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
       return A;
     }
   }
-  if (B) {  // fine epsilon with a small budget, then (the sample was far off) a medium one
-    if (auto A = run_auction(P, B->price(), kWarmBits, last_bits, kFineBidsPerUnit, false, extra, threads, C, eps)) return A;
-    if (auto A = run_auction(P, B->price(), kMediumBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps)) return A;
-  }
+  if (B)
+    if (auto A = from(B->price())) return A;
   return run_auction(P, zero, kCoarseBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps);
 }
 
