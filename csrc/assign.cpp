@@ -420,13 +420,15 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
                                                  int last_bits, int extra, int threads, Candidates& C,
                                                  double& eps, bool& zero_start) {
   zero_start = false;
-  // From estimated prices: fine epsilon with a small budget, then (they were far off) a medium one.
-  const auto from = [&](const std::vector<double>& price) {
-    auto A = run_auction(P, price, kWarmBits, last_bits, kFineBidsPerUnit, false, extra, threads, C, eps);
+  // From estimated prices: fine epsilon, then (they were far off) a medium one. The fine attempt gets a
+  // small bid budget from a warm start (often far off: previous-round prices), the full one from a row
+  // sample (usually close: a large contested problem needs several bids per unit there).
+  const auto from = [&](const std::vector<double>& price, int64_t fine_bids) {
+    auto A = run_auction(P, price, kWarmBits, last_bits, fine_bids, false, extra, threads, C, eps);
     return A ? std::move(A) : run_auction(P, price, kMediumBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps);
   };
   if (!warm.empty())
-    if (auto A = from(warm)) return A;
+    if (auto A = from(warm, kFineBidsPerUnit)) return A;
   const std::vector<double> zero(P.E, 0.0);
   std::unique_ptr<Transport<T>> B;
   bool sample_zero = true;
@@ -443,7 +445,7 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
     }
   }
   if (B)
-    if (auto A = from(B->price())) return A;
+    if (auto A = from(B->price(), kBidsPerUnit)) return A;
   return run_auction(P, zero, kCoarseBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps);
 }
 
