@@ -363,33 +363,39 @@ constexpr int64_t kBidsPerUnit = 64;  // per phase; more means the instance does
 constexpr int kListFactor = 2;  // auction lists start at c_i + kListFactor * extra: a rescan costs a whole row
 constexpr int64_t kSampleMinRows = 4096;  // smaller cold problems start from zero prices
 
-// The auction on P from `price` (candidate lists `C` selected at those prices), epsilon from
-// range * 2^-first_bits down to range * 2^-last_bits, or with last_bits = 0 to half the certificate
-// tolerance of P; at most bids_per_unit bids per unit of demand in a phase. With `uncontested`, gives
-// up unless at most half of the demand lands on full experts at `price` (each client taking its c_i best
-// listed experts). Null if it stalls or does not apply (sum c > sum u, or a client with fewer allowed
-// experts than c_i); `eps` gets the last epsilon.
+// Candidate lists C of P for the auction, selected at `price`; false if some client has fewer allowed
+// experts than c_i (the saturating case does not apply) or no pair is allowed.
 template <typename T>
-std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vector<double>& price, int first_bits,
-                                          int last_bits, int64_t bids_per_unit, bool uncontested, int extra,
-                                          int threads, Candidates& C, double& eps) {
-  const int64_t R = static_cast<int64_t>(P.rows.size());
-  int64_t demand = 0, supply = 0;
-  for (int32_t c : P.c) demand += c;
-  for (int32_t u : P.u) supply += u;
-  if (demand > supply) return nullptr;
+bool auction_lists(const SubProblem<T>& P, const std::vector<double>& price, int extra, int threads, Candidates& C) {
   C = select_candidates(P, price, kListFactor * extra, false, threads);
-  for (int64_t r = 0; r < R; ++r)
-    if (C.allowed[r] < P.c[r]) return nullptr;
-  if (!(C.hi >= C.lo)) return nullptr;
-  if (uncontested) {
-    std::vector<int64_t> wanted(P.E, 0);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t k = C.off[r]; k < C.off[r] + P.c[r]; ++k) ++wanted[C.expert[k]];
-    int64_t excess = 0;
-    for (int64_t j = 0; j < P.E; ++j) excess += std::max<int64_t>(0, wanted[j] - P.u[j]);
-    if (2 * excess > demand) return nullptr;
+  for (size_t r = 0; r < P.rows.size(); ++r)
+    if (C.allowed[r] < P.c[r]) return false;
+  return C.hi >= C.lo;
+}
+
+// Whether at most half of the demand lands on full experts when each client takes its c_i best listed
+// experts (lists from auction_lists).
+template <typename T>
+bool uncontested(const SubProblem<T>& P, const Candidates& C) {
+  std::vector<int64_t> wanted(P.E, 0);
+  int64_t demand = 0;
+  for (size_t r = 0; r < P.rows.size(); ++r) {
+    demand += P.c[r];
+    for (int64_t k = C.off[r]; k < C.off[r] + P.c[r]; ++k) ++wanted[C.expert[k]];
   }
+  int64_t excess = 0;
+  for (int64_t j = 0; j < P.E; ++j) excess += std::max<int64_t>(0, wanted[j] - P.u[j]);
+  return 2 * excess <= demand;
+}
+
+// The auction on P from `price` (C: auction_lists at those prices), epsilon from range * 2^-first_bits
+// down to range * 2^-last_bits, or with last_bits = 0 to half the certificate tolerance of P; at most
+// bids_per_unit bids per unit of demand in a phase. Null if it stalls; `eps` gets the last epsilon.
+template <typename T>
+std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vector<double>& price,
+                                          const Candidates& C, int first_bits, int last_bits,
+                                          int64_t bids_per_unit, int extra, double& eps) {
+  const int64_t R = static_cast<int64_t>(P.rows.size());
   const double range = C.hi > C.lo ? C.hi - C.lo : 1.0;
   double magnitude = std::max(std::abs(C.hi), std::abs(C.lo)) + range;
   for (double p : price) magnitude = std::max(magnitude, std::abs(p));
@@ -414,22 +420,27 @@ std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vec
 //    problem, only if that also worked on its row sample);
 // 3. for a large problem, the prices of a row sample (solved the same way), at fine epsilon, else medium;
 // 4. zero prices, coarse epsilon.
-// `zero_start` tells whether 2 did it.
+// Null if the case does not apply (sum c > sum u, or a client with fewer allowed experts than c_i) or
+// every start stalls; C gets the lists of the start that worked. `zero_start` tells whether 2 did it.
 template <typename T>
 std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const std::vector<double>& warm,
                                                  int last_bits, int extra, int threads, Candidates& C,
                                                  double& eps, bool& zero_start) {
   zero_start = false;
-  // From estimated prices: fine epsilon, then (they were far off) a medium one. The fine attempt gets a
-  // small bid budget from a warm start (often far off: previous-round prices), the full one from a row
-  // sample (usually close: a large contested problem needs several bids per unit there).
-  const auto from = [&](const std::vector<double>& price, int64_t fine_bids) {
-    auto A = run_auction(P, price, kWarmBits, last_bits, fine_bids, false, extra, threads, C, eps);
-    return A ? std::move(A) : run_auction(P, price, kMediumBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps);
+  int64_t demand = 0, supply = 0;
+  for (int32_t c : P.c) demand += c;
+  for (int32_t u : P.u) supply += u;
+  if (demand > supply) return nullptr;
+  // From estimated prices: fine epsilon, then (they were far off) a medium one, on the same lists. The
+  // fine attempt gets a small bid budget from a warm start (often far off: previous-round prices), the
+  // full one from a row sample (usually close: a large contested problem needs several bids per unit there).
+  const auto from = [&](const std::vector<double>& price, int64_t fine_bids) -> std::unique_ptr<Transport<T>> {
+    if (!auction_lists(P, price, extra, threads, C)) return nullptr;
+    auto A = run_auction(P, price, C, kWarmBits, last_bits, fine_bids, extra, eps);
+    return A ? std::move(A) : run_auction(P, price, C, kMediumBits, last_bits, kBidsPerUnit, extra, eps);
   };
   if (!warm.empty())
     if (auto A = from(warm, kFineBidsPerUnit)) return A;
-  const std::vector<double> zero(P.E, 0.0);
   std::unique_ptr<Transport<T>> B;
   bool sample_zero = true;
   if (static_cast<int64_t>(P.rows.size()) >= kSampleMinRows) {
@@ -438,15 +449,29 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
     double sample_eps = 0.0;
     B = saturating_auction(Q, {}, kSampleBits, extra, threads, sample_lists, sample_eps, sample_zero);
   }
+  // Lists at zero prices, selected at most once (for 2 and 4).
+  const std::vector<double> zero(P.E, 0.0);
+  Candidates zero_lists;
+  int zero_state = -1;  // -1: not selected yet, else whether they apply
+  const auto at_zero = [&]() {
+    if (zero_state < 0) zero_state = auction_lists(P, zero, extra, threads, zero_lists);
+    return zero_state == 1;
+  };
   if (sample_zero || !B) {
-    if (auto A = run_auction(P, zero, kFineBits, last_bits, kFineBidsPerUnit, true, extra, threads, C, eps)) {
-      zero_start = true;
-      return A;
-    }
+    if (!at_zero()) return nullptr;
+    if (uncontested(P, zero_lists))
+      if (auto A = run_auction(P, zero, zero_lists, kFineBits, last_bits, kFineBidsPerUnit, extra, eps)) {
+        zero_start = true;
+        C = std::move(zero_lists);
+        return A;
+      }
   }
   if (B)
     if (auto A = from(B->price(), kBidsPerUnit)) return A;
-  return run_auction(P, zero, kCoarseBits, last_bits, kBidsPerUnit, false, extra, threads, C, eps);
+  if (!at_zero()) return nullptr;
+  auto A = run_auction(P, zero, zero_lists, kCoarseBits, last_bits, kBidsPerUnit, extra, eps);
+  if (A) C = std::move(zero_lists);
+  return A;
 }
 
 // The saturating case (every client can get its c_i experts, as in almost every FL round): the

@@ -118,8 +118,7 @@ class Auction {
         if (P_.u[j] > 0 && !holds(r, j)) options_.emplace_back(P_.score(r, j) - price_[j], j);
       }
       const int64_t keep = std::min<int64_t>(need + 1, static_cast<int64_t>(options_.size()));
-      std::partial_sort(options_.begin(), options_.begin() + keep, options_.end(),
-                        [](const auto& x, const auto& y) { return x.first > y.first || (x.first == y.first && x.second < y.second); });
+      std::partial_sort(options_.begin(), options_.begin() + keep, options_.end(), Better());
       const bool exact = static_cast<int64_t>(options_.size()) > need ? options_[need].first >= bound_[r]
                                                                        : bound_[r] == -std::numeric_limits<double>::infinity();
       if (exact || attempt == 1) break;

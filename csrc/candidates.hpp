@@ -62,6 +62,15 @@ struct RowTop {
   bool bad = false;
 };
 
+// Order of (value, expert) pairs: higher value first, then lower expert index (a strict total order, so
+// partial sorts and selections are deterministic).
+struct Better {
+  template <class Pair>
+  bool operator()(const Pair& x, const Pair& y) const {
+    return x.first > y.first || (x.first == y.first && x.second < y.second);
+  }
+};
+
 // Per-thread scratch space of select_row.
 template <typename T>
 struct RowScratch {
@@ -87,9 +96,7 @@ RowTop<T> select_row(const T* row, const T* price, int64_t E, int64_t L, int32_t
     }
     out.finite = static_cast<int64_t>(all.size());
     const int64_t keep = std::min(L + 1, out.finite);
-    const auto better = [](const std::pair<T, int32_t>& x, const std::pair<T, int32_t>& y) {
-      return x.first > y.first || (x.first == y.first && x.second < y.second);
-    };
+    constexpr Better better{};
     if (keep > 0) std::nth_element(all.begin(), all.begin() + (keep - 1), all.end(), better);
     std::sort(all.begin(), all.begin() + keep, better);
     out.count = std::min(L, out.finite);

@@ -87,9 +87,7 @@ class Transport {
       if (held_[r] < P_.c[r]) push(queue, static_cast<int32_t>(r));
     }
     // The dummy keeps a place only if it is within eps of the cheapest place it does not hold.
-    double cheapest = std::numeric_limits<double>::infinity();
-    for (size_t k = 0; k < place_price_.size(); ++k)
-      if (place_holder_[k] != dummy()) cheapest = std::min(cheapest, place_price_[k]);
+    const double cheapest = cheapest_not_dummys();
     for (int64_t j = 0; j < E_; ++j)
       for (int64_t k = place_off_[j]; k < place_off_[j + 1]; ++k)
         if (place_holder_[k] == dummy() && place_price_[k] > cheapest + eps) {
@@ -189,14 +187,20 @@ class Transport {
     }
   }
 
-  // Raise the dummy's places to the cheapest place it does not hold (to the dearest place if it holds all).
-  // That keeps everyone's epsilon-CS
-  // (prices only rise, and the dummy's places stay the cheapest) and leaves the experts with spare places
-  // within epsilon of one price, so that per-expert duals (finish) are tight.
-  void level_dummy() {
-    double floor = std::numeric_limits<double>::infinity();
+  // The price of the cheapest place the dummy does not hold (+inf if it holds all).
+  double cheapest_not_dummys() const {
+    double cheapest = std::numeric_limits<double>::infinity();
     for (size_t k = 0; k < place_price_.size(); ++k)
-      if (place_holder_[k] != dummy()) floor = std::min(floor, place_price_[k]);
+      if (place_holder_[k] != dummy()) cheapest = std::min(cheapest, place_price_[k]);
+    return cheapest;
+  }
+
+  // Raise the dummy's places to the cheapest place it does not hold (to the dearest place if it holds all).
+  // That keeps everyone's epsilon-CS (prices only rise, and the dummy's places stay the cheapest) and
+  // leaves the experts with spare places within epsilon of one price, so that per-expert duals (finish)
+  // are tight.
+  void level_dummy() {
+    double floor = cheapest_not_dummys();
     if (floor == std::numeric_limits<double>::infinity())  // the dummy holds every place: level them all
       floor = place_price_.empty() ? 0.0 : *std::max_element(place_price_.begin(), place_price_.end());
     for (int64_t j = 0; j < E_; ++j) {
@@ -263,8 +267,7 @@ class Transport {
       }
       mark(r, 0);
       const int64_t keep = std::min<int64_t>(need + 1, static_cast<int64_t>(options_.size()));
-      std::partial_sort(options_.begin(), options_.begin() + keep, options_.end(),
-                        [](const auto& x, const auto& y) { return x.first > y.first || (x.first == y.first && x.second < y.second); });
+      std::partial_sort(options_.begin(), options_.begin() + keep, options_.end(), Better());
       const double needed = static_cast<int64_t>(options_.size()) > need ? options_[need].first
                                                                           : -std::numeric_limits<double>::infinity();
       if (needed >= outside(r) || rescanned) break;
@@ -274,13 +277,12 @@ class Transport {
       stuck_ = true;
       return;
     }
-    const int64_t take = std::min<int64_t>(need, static_cast<int64_t>(options_.size()));
-    double second = std::max(take < static_cast<int64_t>(options_.size()) ? options_[take].first
+    double second = std::max(static_cast<int64_t>(options_.size()) > need ? options_[need].first
                                                                            : -std::numeric_limits<double>::infinity(),
                              outside(r));
     // A client with no alternative at all (it can only ever hold these) raises by at most eps.
-    if (second == -std::numeric_limits<double>::infinity()) second = options_[take - 1].first;
-    for (int64_t k = 0; k < take; ++k) {
+    if (second == -std::numeric_limits<double>::infinity()) second = options_[need - 1].first;
+    for (int64_t k = 0; k < need; ++k) {
       const int64_t at = list_off_[r] + options_[k].second;
       const int32_t j = list_[at];
       place(j, r, price_[j] + std::max(0.0, options_[k].first - second) + eps, list_score_[at], queue);
