@@ -1,7 +1,8 @@
 """Test session setup: without a GPU, Triton kernels run under the interpreter on CPU tensors; Flower
 runs offline (no telemetry, no runtime dependency installation, no update check). Shared fixtures:
-``one_thread`` (small models: intra-op threads only add contention on a shared 2-core machine) and
-``digits`` (a third of digits: enough for the federated loop, quick to train)."""
+``one_thread`` (small models: intra-op threads only add contention on a shared 2-core machine),
+``digits`` (a third of digits: enough for the federated loop, quick to train) and ``small_npz`` (400
+digits as an ``.npz`` file, for the command line)."""
 
 import dataclasses
 import os
@@ -39,3 +40,15 @@ def digits():
     d = load_digits()
     return dataclasses.replace(d, x_train=d.x_train[:480], y_train=d.y_train[:480], x_test=d.x_test[:120],
                                y_test=d.y_test[:120])
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory) -> str:
+    """400 digits as an .npz with images [N, 8, 8] and no test set (a random split is made)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    path = tmp_path_factory.mktemp("data") / "digits400.npz"
+    np.savez(path, x=d.images[:400], y=d.target[:400])
+    return str(path)

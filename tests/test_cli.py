@@ -10,10 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from fedmoe.cli import main
 from fedmoe.federated import load_checkpoint
@@ -35,14 +33,6 @@ FederatedRun.step = step_or_sleep
 main(sys.argv[1:])
 """
 
-
-@pytest.fixture(scope="module")
-def small_npz(tmp_path_factory) -> str:
-    """400 digits as an .npz with images [N, 8, 8] and no test set (a random split is made)."""
-    d = load_digits()
-    path = tmp_path_factory.mktemp("data") / "digits400.npz"
-    np.savez(path, x=d.images[:400], y=d.target[:400])
-    return str(path)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.datasets import load_digits
 
 from fedmoe.cli import main
 from fedmoe.federated import FederatedConfig
@@ -27,13 +26,6 @@ def _restore_threads():
     yield
     torch.set_num_threads(threads)
 
-
-@pytest.fixture(scope="module")
-def small_npz(tmp_path_factory) -> str:
-    d = load_digits()
-    path = tmp_path_factory.mktemp("data") / "digits300.npz"
-    np.savez(path, x=d.images[:300], y=d.target[:300])
-    return str(path)
 
 
 def test_parse_axis_types_values_and_joins_options():
