@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from seeds import mean_std
+from seeds import add_run_arguments, mean_std
 
 from fedmoe.federated import (
     FederatedConfig,
@@ -100,13 +100,8 @@ def starved(rounds: list[dict], window: int = 10) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=50)
+    add_run_arguments(parser, seeds=5, rounds=50, work="/tmp/fedmoe_paper", quick="2 seeds x 12 rounds")
     parser.add_argument("--target", type=float, default=0.8)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/fedmoe_paper"))
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="2 seeds x 12 rounds")
     parser.add_argument("--scenarios", default="alpha0.1,alpha0.5",
                         help=f"comma-separated, of {list(SCENARIOS)} (default alpha0.1,alpha0.5); results of "
                              "other scenarios already in the output JSON are kept")

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 from machine import machine_info
+from seeds import add_run_arguments
 
 from fedmoe.federated import FederatedConfig
 from fedmoe.federated.sweep import METRICS, format_sweep, parse_axis, run_sweep
@@ -43,12 +43,8 @@ QUICK_GRID = ("fitness_ema=0.7,0.99", "fit_weight/load_weight=0.3/0.7,0.7/0.3", 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/fedmoe_sensitivity"))
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="2 x 2 x 2 grid, 1 seed, 4 rounds")
+    add_run_arguments(parser, seeds=3, rounds=30, work="/tmp/fedmoe_sensitivity",
+                      quick="2 x 2 x 2 grid, 1 seed, 4 rounds")
     args = parser.parse_args()
     grid = QUICK_GRID if args.quick else GRID
     if args.quick:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import machine_info
-from seeds import mean_std
+from seeds import add_run_arguments, mean_std
 
 from fedmoe.federated import (
     FederatedConfig,
@@ -264,14 +263,10 @@ def plot_part(part: str, results: dict[str, list[dict]], stem: str, drift_round:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {list(PARTS)}")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=40)
+    add_run_arguments(parser, seeds=3, rounds=40, work="/tmp/fedmoe_stress",
+                      quick="1 seed x 8 rounds, drift at round 3")
     parser.add_argument("--drift-round", type=int, default=20, help="first round (0-based) with drifted data")
     parser.add_argument("--target", type=float, default=0.8)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/fedmoe_stress"))
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="1 seed x 8 rounds, drift at round 3")
     args = parser.parse_args()
     parts = args.parts.split(",")
     if not set(parts) <= set(PARTS):
