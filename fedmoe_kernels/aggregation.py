@@ -26,7 +26,10 @@ Determinism. Per element, the rows of an expert are summed sequentially in ascen
 stable grouping; no atomics), so the same call gives the same bits. The streaming :class:`Accumulator`
 adds rows in the order they arrive; fed the rows of a batch in that order (in any number of ``add``
 calls) it gives bitwise the batch result of the same backend, unless a power-of-two rescale pushes values
-into subnormals; fed in another order, it agrees to float32 rounding. The two backends agree to float32
+into subnormals, or an expert's sums overflow at the scale of the weights seen so far (before a later,
+larger weight scales them down; the batch, scaled by its largest weight from the start, may stay finite,
+and the stream then gives that expert a non-finite value); fed in another order, it agrees to float32
+rounding. The two backends agree to float32
 rounding: Triton sums ``c * (row - base)``, torch sums ``c * row`` and subtracts ``(sum c) * base`` at the
 end (``c = w * s``), which spares it a gather of ``base`` per row. On torch each term is rounded (``c *
 row`` in the accumulation dtype) and then added, in either of its two ways of summing (below), so the way
