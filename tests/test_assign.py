@@ -309,6 +309,22 @@ def test_warm_start_gives_the_same_objective(inst, seed):
     check_assign(perturbed, c, u, assign(perturbed, c, u, warm_start=first, dense_limit=SPARSE))
 
 
+@pytest.mark.parametrize("too_high", [1, 3])
+def test_warm_start_priced_too_high_on_a_large_problem(too_high):
+    """Enough rows for a row sample (4,096): a warm start with a few experts priced far too high (which a
+    forward auction cannot lower) is capped by the sample's prices and still gives the optimum."""
+    s, c, u = _contested(4500, 24, seed=5)
+    u = (u * 1.1).astype(np.int64)  # spare capacity: the saturating case
+    cold = assign(s, c, u)
+    warm = cold.certificate.expert_price.copy()
+    warm[:too_high] += 10 * _score_scale(s)
+    result = assign(s, c, u, warm_start=warm)
+    check_feasible(s, c, u, result.clients, result.experts, result.objective)
+    check_matches(s, result, cold)
+    check_certificate(s, c, u, result)
+    assert cold.certificate.method == result.certificate.method == "auction"
+
+
 @settings(max_examples=40, **SETTINGS)
 @given(instances(), DENSE_LIMITS)
 def test_deterministic(inst, dense_limit):
