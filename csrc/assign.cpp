@@ -354,10 +354,9 @@ bool certify(const SubProblem<T>& P, Solution& X, const Candidates& C, int extra
 // rounding). A row sample's auction stops at kSampleBits; a certified solve at half the certificate's
 // tolerance.
 // From zero prices: fine 2^-kFineBits or coarse 2^-kCoarseBits; from a sample's or the caller's prices:
-// fine 2^-kWarmBits or, if that stalls, coarse too (far-off prices need large raises: a medium 2^-9 start
-// took 15-20% longer on the alignment experiment's 68,000 x 4,096 rounds). A fine start gives up after
-// kFineBidsPerUnit bids per unit of demand in a phase.
-constexpr int kFineBits = 15, kCoarseBits = 6, kWarmBits = 19, kStepBits = 3, kSampleBits = 20;
+// fine 2^-kWarmBits or medium 2^-kMediumBits. A fine start gives up after kFineBidsPerUnit bids per unit
+// of demand in a phase.
+constexpr int kFineBits = 15, kCoarseBits = 6, kWarmBits = 19, kMediumBits = 9, kStepBits = 3, kSampleBits = 20;
 constexpr int kFloorBits = 42;
 constexpr int64_t kFineBidsPerUnit = 16;
 constexpr int64_t kBidsPerUnit = 64;  // per phase; more means the instance does not suit the auction
@@ -430,10 +429,10 @@ inline std::vector<double> capped_by(std::vector<double> warm, const std::vector
 
 // The saturating auction on P, from the best start that works:
 // 1. the caller's warm start (e.g. the previous round's prices; for a large problem capped by its row
-//    sample's prices, see 3), at fine epsilon, else coarse;
+//    sample's prices, see 3), at fine epsilon, else medium;
 // 2. zero prices at fine epsilon, with a small bid budget, where few experts are contested (for a large
 //    problem, only if that also worked on its row sample);
-// 3. for a large problem, the prices of a row sample (solved the same way), at fine epsilon, else coarse;
+// 3. for a large problem, the prices of a row sample (solved the same way), at fine epsilon, else medium;
 // 4. zero prices, coarse epsilon.
 // Null if the case does not apply (sum c > sum u, or a client with fewer allowed experts than c_i) or
 // every start stalls; C gets the lists of the start that worked. `zero_start` tells whether 2 did it.
@@ -446,12 +445,12 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
   for (int32_t c : P.c) demand += c;
   for (int32_t u : P.u) supply += u;
   if (demand > supply) return nullptr;
-  // From estimated prices: fine epsilon with a small bid budget, then (they were far off) a coarse one, on
+  // From estimated prices: fine epsilon with a small bid budget, then (they were far off) a medium one, on
   // the same lists.
   const auto from = [&](const std::vector<double>& price) -> std::unique_ptr<Transport<T>> {
     if (!auction_lists(P, price, extra, threads, C)) return nullptr;
     auto A = run_auction(P, price, C, kWarmBits, last_bits, kFineBidsPerUnit, extra, eps);
-    return A ? std::move(A) : run_auction(P, price, C, kCoarseBits, last_bits, kBidsPerUnit, extra, eps);
+    return A ? std::move(A) : run_auction(P, price, C, kMediumBits, last_bits, kBidsPerUnit, extra, eps);
   };
   std::unique_ptr<Transport<T>> B;
   bool sample_zero = true;
