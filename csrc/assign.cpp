@@ -5,8 +5,9 @@
 //
 // Saturating case (every client can get its c_i experts; almost every FL round): a dummy client takes the
 // spare capacity and the problem becomes a balanced transportation problem, solved by an epsilon-scaling
-// auction on per-client candidate lists (transport.hpp), started from the caller's warm prices, from zero
-// (few experts contested) or from the prices of a row sample (solved the same way, recursively). Its
+// auction on per-client candidate lists (transport.hpp), started from the caller's warm prices (capped by
+// a row sample's prices on a large problem), from zero (few experts contested) or from the prices of a row
+// sample (solved the same way, recursively). Its
 // prices give the LP duals, and the certificate below proves the result optimal on the full matrix.
 //
 // General case (or if the auction stalls):

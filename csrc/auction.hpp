@@ -148,15 +148,7 @@ class Auction {
         queue.push_back(k);
         queued_[k] = 1;
       }
-      int64_t i = 0;
-      for (;;) {
-        int64_t c = 2 * i + 1;
-        if (c >= n) break;
-        if (c + 1 < n && hb[c + 1] < hb[c]) ++c;
-        if (!(hb[c] < b)) break;
-        hb[i] = hb[c], hc[i] = hc[c], i = c;
-      }
-      hb[i] = b, hc[i] = r;
+      sift_down(hb, hc, n, 0, b, r);
     } else {  // sift up
       int64_t i = n++;
       while (i > 0 && hb[(i - 1) / 2] > b) {

@@ -71,6 +71,19 @@ struct Better {
   }
 };
 
+// Put (b, holder) at position i of the min-heap (q, h) of n bids, moving it down to where it belongs (the
+// experts' places in transport.hpp and auction.hpp: bid or price, and who holds it).
+inline void sift_down(double* q, int32_t* h, int64_t n, int64_t i, double b, int32_t holder) {
+  for (;;) {
+    int64_t c = 2 * i + 1;
+    if (c >= n) break;
+    if (c + 1 < n && q[c + 1] < q[c]) ++c;
+    if (!(q[c] < b)) break;
+    q[i] = q[c], h[i] = h[c], i = c;
+  }
+  q[i] = b, h[i] = holder;
+}
+
 // Per-thread scratch space of select_row.
 template <typename T>
 struct RowScratch {

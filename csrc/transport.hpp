@@ -166,19 +166,25 @@ class Transport {
     return best;
   }
 
+  // Remove r's k-th holding from its lists (the last one takes its slot).
+  void forget(int64_t r, int32_t k) {
+    const int64_t at = hold_off_[r] + k, last = hold_off_[r] + held_[r] - 1;
+    hold_[at] = hold_[last], paid_[at] = paid_[last], hold_score_[at] = hold_score_[last];
+    --held_[r];
+  }
+
   // Drop r's holdings that are more than eps below its best alternative (dropping one can raise it).
   void release_stale(int64_t r, double eps) {
     for (bool dropped = true; dropped && held_[r] > 0;) {
       dropped = false;
       const double best = std::max(best_on_list(r), outside(r));
-      int32_t* h = hold_.data() + hold_off_[r];
-      double* q = paid_.data() + hold_off_[r];
-      double* hs = hold_score_.data() + hold_off_[r];
+      const int32_t* h = hold_.data() + hold_off_[r];
+      const double* q = paid_.data() + hold_off_[r];
+      const double* hs = hold_score_.data() + hold_off_[r];
       for (int32_t k = 0; k < held_[r];) {
         if (hs[k] - q[k] < best - eps) {
           vacate(h[k], static_cast<int32_t>(r));
-          const int32_t last = held_[r] - 1;
-          h[k] = h[last], q[k] = q[last], hs[k] = hs[last], --held_[r];
+          forget(r, k);
           dropped = true;
         } else {
           ++k;
@@ -216,18 +222,6 @@ class Transport {
       pr_[j] = static_cast<T>(q[0]);
       raised(static_cast<int32_t>(j));
     }
-  }
-
-  // Put (b, holder) at position i of the min-heap (q, h) of n places, moving it down to where it belongs.
-  static void sift_down(double* q, int32_t* h, int64_t n, int64_t i, double b, int32_t holder) {
-    for (;;) {
-      int64_t c = 2 * i + 1;
-      if (c >= n) break;
-      if (c + 1 < n && q[c + 1] < q[c]) ++c;
-      if (!(q[c] < b)) break;
-      q[i] = q[c], h[i] = h[c], i = c;
-    }
-    q[i] = b, h[i] = holder;
   }
 
   // Empty r's place at expert j. The place drops to the expert's price and becomes the root: nobody's
@@ -326,12 +320,8 @@ class Transport {
       ++dummy_need_;
       push(queue, dummy());
     } else if (evicted != kEmpty) {
-      int32_t* eh = hold_.data() + hold_off_[evicted];
-      double* eq = paid_.data() + hold_off_[evicted];
-      const int32_t k = static_cast<int32_t>(std::find(eh, eh + held_[evicted], j) - eh);
-      double* es = hold_score_.data() + hold_off_[evicted];
-      const int32_t last = held_[evicted] - 1;
-      eh[k] = eh[last], eq[k] = eq[last], es[k] = es[last], --held_[evicted];
+      const int32_t* eh = hold_.data() + hold_off_[evicted];
+      forget(evicted, static_cast<int32_t>(std::find(eh, eh + held_[evicted], j) - eh));
       push(queue, evicted);
     }
     sift_down(q, h, n, 0, b, r);
