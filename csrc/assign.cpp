@@ -612,6 +612,26 @@ py::dict solve_py(py::array_t<T, py::array::c_style> scores, py::array_t<int64_t
   return out;
 }
 
+// select_row on every row of `scores` at `price` (for tests): ids [N, L] (-1 past count), count [N], bound [N].
+template <typename T>
+py::tuple select_rows_py(py::array_t<T, py::array::c_style> scores, py::array_t<T, py::array::c_style> price,
+                         int64_t L) {
+  if (scores.ndim() != 2 || price.ndim() != 1 || price.shape(0) != scores.shape(1) || L < 1)
+    throw std::invalid_argument("scores must be 2-D, price must have E entries and L must be >= 1");
+  const int64_t N = scores.shape(0), E = scores.shape(1);
+  py::array_t<int32_t> ids({N, L});
+  py::array_t<int64_t> count(N);
+  py::array_t<T> bound(N);
+  std::fill_n(ids.mutable_data(), N * L, -1);
+  RowScratch<T> scratch;
+  for (int64_t r = 0; r < N; ++r) {
+    const RowTop<T> top = select_row(scores.data() + r * E, price.data(), E, L, ids.mutable_data() + r * L, scratch);
+    count.mutable_data()[r] = top.count;
+    bound.mutable_data()[r] = top.bound;
+  }
+  return py::make_tuple(ids, count, bound);
+}
+
 }  // namespace
 }  // namespace fedmoe
 
@@ -621,4 +641,6 @@ PYBIND11_MODULE(_assign, m) {
         py::arg("expert_capacity"), py::arg("warm_prices"), py::arg("extra"), py::arg("threads"), py::arg("dense_limit"));
   m.def("solve", &fedmoe::solve_py<double>, py::arg("scores"), py::arg("client_capacity"),
         py::arg("expert_capacity"), py::arg("warm_prices"), py::arg("extra"), py::arg("threads"), py::arg("dense_limit"));
+  m.def("select_rows", &fedmoe::select_rows_py<float>, py::arg("scores"), py::arg("price"), py::arg("L"));
+  m.def("select_rows", &fedmoe::select_rows_py<double>, py::arg("scores"), py::arg("price"), py::arg("L"));
 }

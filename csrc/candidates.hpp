@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <stdexcept>
 #include <thread>
@@ -87,8 +88,7 @@ inline void sift_down(double* q, int32_t* h, int64_t n, int64_t i, double b, int
 // Per-thread scratch space of select_row.
 template <typename T>
 struct RowScratch {
-  std::vector<T> vals;
-  std::vector<int32_t> ids;
+  std::vector<T> vals;  // block maxima, then a copy to select from
   std::vector<std::pair<T, int32_t>> all;
 };
 
@@ -117,17 +117,16 @@ RowTop<T> select_row(const T* row, const T* price, int64_t E, int64_t L, int32_t
     if (keep > L) out.bound = all[L].first;
     return out;
   }
-  // Top L+1 by insertion; 16-wide blocks skip most of the row once the threshold is high.
-  const int64_t M = L + 1;
-  scratch.vals.resize(M);
-  scratch.ids.resize(M);
-  T* vals = scratch.vals.data();
-  int32_t* top = scratch.ids.data();
-  int64_t cnt = 0;
-  T thr = -kInf;
+  // Top M = L+1 in two passes over 16-wide blocks. The first validates and keeps each block's best reduced
+  // score; the M-th best of those is a threshold no better than the M-th best entry (M blocks reach it).
+  // The second collects the entries at or above it from the blocks that reach it.
   constexpr int64_t B = 16;
-  for (int64_t j0 = 0; j0 < E; j0 += B) {
-    const int64_t jn = std::min(E, j0 + B);
+  const int64_t M = L + 1, nb = (E + B - 1) / B;
+  scratch.vals.resize(2 * nb);
+  T* block_best = scratch.vals.data();
+  int64_t reached = 0;  // blocks with a finite entry
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t j0 = b * B, jn = std::min(E, j0 + B);
     T best = -kInf, lo = kInf, hi = -kInf;
     int64_t fin = 0;
     bool bad = false;
@@ -143,26 +142,33 @@ RowTop<T> select_row(const T* row, const T* price, int64_t E, int64_t L, int32_t
     out.bad |= bad;
     out.finite += fin;
     out.lo = std::min(out.lo, lo), out.hi = std::max(out.hi, hi);
-    if (fin == 0 || (cnt == M && !(best > thr))) continue;
-    for (int64_t j = j0; j < jn; ++j) {
+    block_best[b] = fin > 0 ? best : -kInf;
+    reached += fin > 0;
+  }
+  T thr = -kInf;
+  if (reached >= M) {
+    T* sorted = block_best + nb;
+    std::copy_n(block_best, nb, sorted);
+    std::nth_element(sorted, sorted + (M - 1), sorted + nb, std::greater<T>());
+    thr = sorted[M - 1];
+  }
+  auto& all = scratch.all;
+  all.clear();
+  for (int64_t b = 0; b < nb; ++b) {
+    if (!(block_best[b] > -kInf) || block_best[b] < thr) continue;
+    for (int64_t j = b * B, jn = std::min(E, j + B); j < jn; ++j) {
       const T x = row[j];
-      if (!(x > -kInf)) continue;
       const T v = x - price[j];
-      if (cnt == M && !(v > thr)) continue;
-      int64_t pos = cnt < M ? cnt++ : M - 1;
-      while (pos > 0 && vals[pos - 1] < v) {  // earlier experts stay first on ties
-        vals[pos] = vals[pos - 1];
-        top[pos] = top[pos - 1];
-        --pos;
-      }
-      vals[pos] = v;
-      top[pos] = static_cast<int32_t>(j);
-      if (cnt == M) thr = vals[M - 1];
+      if (x > -kInf && v >= thr) all.emplace_back(v, static_cast<int32_t>(j));
     }
   }
-  out.count = std::min(cnt, L);
-  std::copy_n(top, out.count, ids);
-  if (cnt == M) out.bound = vals[L];
+  constexpr Better better{};
+  const int64_t keep = std::min<int64_t>(M, static_cast<int64_t>(all.size()));
+  if (keep > 0) std::nth_element(all.begin(), all.begin() + (keep - 1), all.end(), better);
+  std::sort(all.begin(), all.begin() + keep, better);
+  out.count = std::min(keep, L);
+  for (int64_t k = 0; k < out.count; ++k) ids[k] = all[k].second;
+  if (keep == M) out.bound = all[L].first;
   return out;
 }
 

@@ -42,9 +42,11 @@ def _scores(rng, kind: str, n: int, e: int) -> np.ndarray:
 
 
 @st.composite
-def instances(draw, max_size: int = 60, unit: bool = False, kinds=SCORE_KINDS):
-    """(scores, client_capacity, expert_capacity); ``unit``: one side has all capacities <= 1."""
-    n, e = draw(st.integers(1, max_size)), draw(st.integers(1, max_size))
+def instances(draw, max_size: int = 60, unit: bool = False, kinds=SCORE_KINDS, rows=None, cols=None):
+    """(scores, client_capacity, expert_capacity); ``unit``: one side has all capacities <= 1; ``rows``,
+    ``cols``: (lo, hi) ranges of N and E (default 1..max_size)."""
+    n = draw(st.integers(*(rows or (1, max_size))))
+    e = draw(st.integers(*(cols or (1, max_size))))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     s = _scores(rng, draw(st.sampled_from(kinds)), n, e)
     forbidden = rng.random((n, e)) < draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 0.9]))
@@ -52,6 +54,11 @@ def instances(draw, max_size: int = 60, unit: bool = False, kinds=SCORE_KINDS):
         forbidden[rng.random(n) < 0.25] = True  # all-forbidden rows
     if draw(st.booleans()):
         forbidden[:, rng.random(e) < 0.25] = True  # all-forbidden columns
+    if draw(st.booleans()):  # per row, one forbidden run of columns (whole blocks of a long row)
+        start = rng.integers(0, e, n)
+        length = rng.integers(0, e + 1, n)
+        cols_ = np.arange(e)
+        forbidden |= (cols_ >= start[:, None]) & (cols_ < (start + length)[:, None])
     s[forbidden] = -np.inf
     s = s.astype(draw(st.sampled_from([np.float32, np.float64])))
 
@@ -225,6 +232,15 @@ def test_assign_matches_linprog_reference(inst, dense_limit):
 def test_assign_matches_lsa_reference_on_unit_capacities(inst, dense_limit):
     s, c, u = inst
     check_assign(s, c, u, assign(s, c, u, dense_limit=dense_limit), ref=assign_lsa(s, c, u))
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(instances(rows=(1, 24), cols=(70, 260)))
+def test_assign_on_rows_much_longer_than_the_lists(inst):
+    """E far above the candidate lists (c_i + 16): the blocked two-pass row selection and the auction's
+    rescans; E not a multiple of the 16-wide blocks, forbidden runs covering whole blocks."""
+    s, c, u = inst
+    check_assign(s, c, u, assign(s, c, u, dense_limit=SPARSE))
 
 
 @functools.cache
