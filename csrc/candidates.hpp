@@ -96,30 +96,10 @@ template <typename T>
 RowTop<T> select_row(const T* row, const T* price, int64_t E, int64_t L, int32_t* ids, RowScratch<T>& scratch) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
   RowTop<T> out;
-  if (4 * (L + 1) >= E) {  // keep most of the row: collect, then select and sort
-    auto& all = scratch.all;
-    all.clear();
-    for (int64_t j = 0; j < E; ++j) {
-      const T x = row[j];
-      out.bad |= !(x < kInf);
-      if (x > -kInf) {
-        all.emplace_back(x - price[j], static_cast<int32_t>(j));
-        out.lo = std::min(out.lo, x), out.hi = std::max(out.hi, x);
-      }
-    }
-    out.finite = static_cast<int64_t>(all.size());
-    const int64_t keep = std::min(L + 1, out.finite);
-    constexpr Better better{};
-    if (keep > 0) std::nth_element(all.begin(), all.begin() + (keep - 1), all.end(), better);
-    std::sort(all.begin(), all.begin() + keep, better);
-    out.count = std::min(L, out.finite);
-    for (int64_t k = 0; k < out.count; ++k) ids[k] = all[k].second;
-    if (keep > L) out.bound = all[L].first;
-    return out;
-  }
   // Top M = L+1 in two passes over 16-wide blocks. The first validates and keeps each block's best reduced
   // score; the M-th best of those is a threshold no better than the M-th best entry (M blocks reach it).
-  // The second collects the entries at or above it from the blocks that reach it.
+  // The second collects the entries at or above it from the blocks that reach it (every finite entry when
+  // fewer than M blocks hold one, as on rows not much longer than L).
   constexpr int64_t B = 16;
   const int64_t M = L + 1, nb = (E + B - 1) / B;
   scratch.vals.resize(2 * nb);
