@@ -5,10 +5,9 @@
 //
 // Saturating case (every client can get its c_i experts; almost every FL round): a dummy client takes the
 // spare capacity and the problem becomes a balanced transportation problem, solved by an epsilon-scaling
-// auction on per-client candidate lists (transport.hpp), started from the caller's warm prices (capped by
-// a row sample's prices on a large problem), from zero (few experts contested) or from the prices of a row
-// sample (solved the same way, recursively). Its
-// prices give the LP duals, and the certificate below proves the result optimal on the full matrix.
+// auction on per-client candidate lists (transport.hpp), started from the caller's warm prices (after one
+// reverse-auction step that lowers the overpriced ones, reverse.hpp), from zero (few experts contested) or
+// from the prices of a row sample (solved the same way, recursively). Its prices give the LP duals, and the certificate below proves the result optimal on the full matrix.
 //
 // General case (or if the auction stalls):
 // 1. Prices. Expert prices p (duals of the expert capacities): a forward auction from zero first; if
@@ -39,6 +38,7 @@
 
 #include "auction.hpp"
 #include "candidates.hpp"
+#include "reverse.hpp"
 #include "ssp.hpp"
 #include "transport.hpp"
 
@@ -355,11 +355,11 @@ bool certify(const SubProblem<T>& P, Solution& X, const Candidates& C, int extra
 // rounding). A row sample's auction stops at kSampleBits; a certified solve at half the certificate's
 // tolerance.
 // From zero prices: fine 2^-kFineBits or coarse 2^-kCoarseBits; from a sample's or the caller's prices:
-// fine 2^-kWarmBits or medium 2^-kMediumBits. A fine start gives up after kFineBidsPerUnit bids per unit
-// of demand in a phase.
+// fine 2^-kWarmBits, going on at medium 2^-kMediumBits where a fine phase stalls. A fine phase stalls after
+// kFineBidsPerUnit bids per unit of demand, any phase after kBidsPerUnit (a rescan counts as E/64 bids).
 constexpr int kFineBits = 15, kCoarseBits = 6, kWarmBits = 19, kMediumBits = 9, kStepBits = 3, kSampleBits = 20;
 constexpr int kFloorBits = 42;
-constexpr int64_t kFineBidsPerUnit = 16;
+constexpr int64_t kFineBidsPerUnit = 2;
 constexpr int64_t kBidsPerUnit = 64;  // per phase; more means the instance does not suit the auction
 constexpr int kListFactor = 2;  // auction lists start at c_i + kListFactor * extra: a rescan costs a whole row
 constexpr int64_t kSampleMinRows = 4096;  // smaller cold problems start from zero prices
@@ -391,11 +391,13 @@ bool uncontested(const SubProblem<T>& P, const Candidates& C) {
 
 // The auction on P from `price` (C: auction_lists at those prices), epsilon from range * 2^-first_bits
 // down to range * 2^-last_bits, or with last_bits = 0 to half the certificate tolerance of P; at most
-// bids_per_unit bids per unit of demand in a phase. Null if it stalls; `eps` gets the last epsilon.
+// bids_per_unit bids per unit of demand in a phase. A phase that stalls goes on at range * 2^-medium_bits
+// with kBidsPerUnit, keeping its holdings and prices (0: no going on). Null if it stalls for good; `eps`
+// gets the last epsilon.
 template <typename T>
 std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vector<double>& price,
                                           const Candidates& C, int first_bits, int last_bits,
-                                          int64_t bids_per_unit, int extra, double& eps) {
+                                          int64_t bids_per_unit, int medium_bits, int extra, double& eps) {
   const int64_t R = static_cast<int64_t>(P.rows.size());
   const double range = C.hi > C.lo ? C.hi - C.lo : 1.0;
   double magnitude = std::max(std::abs(C.hi), std::abs(C.lo)) + range;
@@ -407,33 +409,26 @@ std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vec
   const double tolerance = 1e-12 * (magnitude + (static_cast<double>(std::min<int64_t>(R, P.E)) + 2.0) * range);
   const double last = std::max(last_bits > 0 ? std::ldexp(range, -last_bits) : 0.5 * tolerance,
                                std::ldexp(magnitude, -kFloorBits));
-  const int64_t budget = bids_per_unit * (A->units() + R);
+  int64_t budget = bids_per_unit * (A->units() + R);
   for (eps = std::ldexp(range, -first_bits);; eps = std::max(last, std::ldexp(eps, -kStepBits))) {
-    if (!A->phase(eps, budget)) return nullptr;
+    if (!A->phase(eps, budget)) {
+      if (medium_bits == 0) return nullptr;
+      eps = std::max(eps, std::ldexp(range, -medium_bits));
+      budget = kBidsPerUnit * (A->units() + R);
+      medium_bits = 0;
+      if (!A->phase(eps, budget)) return nullptr;
+    }
     if (eps <= last) break;
   }
   return A;
 }
 
-// A warm start lowered where another estimate says it is too high: min(warm_j, other_j + k) with k the
-// median of warm - other (prices matter up to a common shift). A forward auction cannot lower a price, and
-// a few experts priced too high make every other price climb to theirs (previous-round prices on a new
-// round's scores: one expert 0.2 too high cost 2-4x the time of the row sample's prices, measured).
-inline std::vector<double> capped_by(std::vector<double> warm, const std::vector<double>& other) {
-  std::vector<double> diff(warm.size());
-  for (size_t j = 0; j < warm.size(); ++j) diff[j] = warm[j] - other[j];
-  auto mid = diff.begin() + static_cast<std::ptrdiff_t>(diff.size() / 2);
-  std::nth_element(diff.begin(), mid, diff.end());
-  for (size_t j = 0; j < warm.size(); ++j) warm[j] = std::min(warm[j], other[j] + *mid);
-  return warm;
-}
-
 // The saturating auction on P, from the best start that works:
-// 1. the caller's warm start (e.g. the previous round's prices; for a large problem capped by its row
-//    sample's prices, see 3), at fine epsilon, else medium;
+// 1. the caller's warm start (e.g. the previous round's prices) after one reverse step (reverse.hpp), at
+//    fine epsilon, going on at medium where that stalls;
 // 2. zero prices at fine epsilon, with a small bid budget, where few experts are contested (for a large
 //    problem, only if that also worked on its row sample);
-// 3. for a large problem, the prices of a row sample (solved the same way), at fine epsilon, else medium;
+// 3. for a large problem, the prices of a row sample (solved the same way), likewise;
 // 4. zero prices, coarse epsilon.
 // Null if the case does not apply (sum c > sum u, or a client with fewer allowed experts than c_i) or
 // every start stalls; C gets the lists of the start that worked. `zero_start` tells whether 2 did it.
@@ -446,13 +441,14 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
   for (int32_t c : P.c) demand += c;
   for (int32_t u : P.u) supply += u;
   if (demand > supply) return nullptr;
-  // From estimated prices: fine epsilon with a small bid budget, then (they were far off) a medium one, on
-  // the same lists.
+  // From estimated prices: fine epsilon with a small bid budget, going on at a medium one where they were
+  // far off.
   const auto from = [&](const std::vector<double>& price) -> std::unique_ptr<Transport<T>> {
     if (!auction_lists(P, price, extra, threads, C)) return nullptr;
-    auto A = run_auction(P, price, C, kWarmBits, last_bits, kFineBidsPerUnit, extra, eps);
-    return A ? std::move(A) : run_auction(P, price, C, kMediumBits, last_bits, kBidsPerUnit, extra, eps);
+    return run_auction(P, price, C, kWarmBits, last_bits, kFineBidsPerUnit, kMediumBits, extra, eps);
   };
+  if (!warm.empty())
+    if (auto A = from(lower_unclaimed(P, warm, threads))) return A;
   std::unique_ptr<Transport<T>> B;
   bool sample_zero = true;
   if (static_cast<int64_t>(P.rows.size()) >= kSampleMinRows) {
@@ -461,8 +457,6 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
     double sample_eps = 0.0;
     B = saturating_auction(Q, {}, kSampleBits, extra, threads, sample_lists, sample_eps, sample_zero);
   }
-  if (!warm.empty())
-    if (auto A = from(B ? capped_by(warm, B->price()) : warm)) return A;
   // Lists at zero prices, selected at most once (for 2 and 4).
   const std::vector<double> zero(P.E, 0.0);
   Candidates zero_lists;
@@ -474,7 +468,7 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
   if (sample_zero || !B) {
     if (!at_zero()) return nullptr;
     if (uncontested(P, zero_lists))
-      if (auto A = run_auction(P, zero, zero_lists, kFineBits, last_bits, kFineBidsPerUnit, extra, eps)) {
+      if (auto A = run_auction(P, zero, zero_lists, kFineBits, last_bits, kFineBidsPerUnit, 0, extra, eps)) {
         zero_start = true;
         C = std::move(zero_lists);
         return A;
@@ -483,7 +477,7 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
   if (B)
     if (auto A = from(B->price())) return A;
   if (!at_zero()) return nullptr;
-  auto A = run_auction(P, zero, zero_lists, kCoarseBits, last_bits, kBidsPerUnit, extra, eps);
+  auto A = run_auction(P, zero, zero_lists, kCoarseBits, last_bits, kBidsPerUnit, 0, extra, eps);
   if (A) C = std::move(zero_lists);
   return A;
 }
@@ -632,6 +626,25 @@ py::tuple select_rows_py(py::array_t<T, py::array::c_style> scores, py::array_t<
   return py::make_tuple(ids, count, bound);
 }
 
+// lower_unclaimed of reverse.hpp on every row of `scores` (for tests): the lowered prices [E].
+template <typename T>
+py::array_t<double> lower_unclaimed_py(py::array_t<T, py::array::c_style> scores,
+                                       py::array_t<int64_t, py::array::c_style> c,
+                                       py::array_t<int64_t, py::array::c_style> u,
+                                       py::array_t<double, py::array::c_style> price, int threads) {
+  if (scores.ndim() != 2 || c.ndim() != 1 || u.ndim() != 1 || price.ndim() != 1 || c.shape(0) != scores.shape(0) ||
+      u.shape(0) != scores.shape(1) || price.shape(0) != scores.shape(1))
+    throw std::invalid_argument("scores must be 2-D [N, E], client_capacity [N], expert_capacity and price [E]");
+  const int64_t N = scores.shape(0), E = scores.shape(1);
+  SubProblem<T> P{scores.data(), E, 0, std::vector<int64_t>(N), std::vector<int32_t>(N), std::vector<int32_t>(E)};
+  std::iota(P.rows.begin(), P.rows.end(), 0);
+  for (int64_t i = 0; i < N; ++i) P.c[i] = static_cast<int32_t>(std::clamp<int64_t>(c.data()[i], 0, E));
+  for (int64_t j = 0; j < E; ++j) P.u[j] = static_cast<int32_t>(std::clamp<int64_t>(u.data()[j], 0, N));
+  const std::vector<double> lowered = lower_unclaimed(P, std::vector<double>(price.data(), price.data() + E),
+                                                      std::max(1, threads));
+  return py::array_t<double>(E, lowered.data());
+}
+
 }  // namespace
 }  // namespace fedmoe
 
@@ -643,4 +656,8 @@ PYBIND11_MODULE(_assign, m) {
         py::arg("expert_capacity"), py::arg("warm_prices"), py::arg("extra"), py::arg("threads"), py::arg("dense_limit"));
   m.def("select_rows", &fedmoe::select_rows_py<float>, py::arg("scores"), py::arg("price"), py::arg("L"));
   m.def("select_rows", &fedmoe::select_rows_py<double>, py::arg("scores"), py::arg("price"), py::arg("L"));
+  m.def("lower_unclaimed", &fedmoe::lower_unclaimed_py<float>, py::arg("scores"), py::arg("client_capacity"),
+        py::arg("expert_capacity"), py::arg("price"), py::arg("threads"));
+  m.def("lower_unclaimed", &fedmoe::lower_unclaimed_py<double>, py::arg("scores"), py::arg("client_capacity"),
+        py::arg("expert_capacity"), py::arg("price"), py::arg("threads"));
 }

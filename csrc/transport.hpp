@@ -78,7 +78,8 @@ class Transport {
   int64_t units() const { return place_off_[E_]; }
 
   // One phase at `eps`: drop holdings no longer within eps of the best alternative, then bid until every
-  // place is held. False if that takes more than `max_bids` bids (the caller gives up on this method).
+  // place is held. False if that takes more than `max_bids` bids, a row rescan counting as E/64 (about
+  // what it costs on a 4,096-wide row); the state stays consistent, and another phase may go on from it.
   bool phase(double eps, int64_t max_bids) {
     std::deque<int32_t> queue;
     for (int64_t r = 0; r < R_; ++r) {
@@ -97,8 +98,13 @@ class Transport {
         }
     if (dummy_need_ > 0) push(queue, dummy());
     int64_t bids = 0;
+    rescans_ = 0;
+    const int64_t rescan_cost = std::max<int64_t>(1, E_ / 64);
     for (; !queue.empty(); ++bids) {
-      if (bids >= max_bids) return false;
+      if (bids + rescan_cost * rescans_ >= max_bids) {
+        for (int32_t q : queue) queued_[q] = 0;  // the next phase queues whoever is short again
+        return false;
+      }
       const int32_t r = queue.front();
       queue.pop_front();
       queued_[r] = 0;
@@ -266,6 +272,7 @@ class Transport {
                                                                           : -std::numeric_limits<double>::infinity();
       if (needed >= outside(r) || rescanned) break;
       rescan(r);
+      ++rescans_;
     }
     if (static_cast<int64_t>(options_.size()) < need) {  // fewer allowed experts than c_r: not saturating
       stuck_ = true;
@@ -348,6 +355,7 @@ class Transport {
   RowScratch<T> scratch_;
   int64_t dummy_need_ = 0;
   bool stuck_ = false;
+  int64_t rescans_ = 0;  // in this phase
   std::vector<int32_t> cheap_;    // experts with places, a min-heap by price
   std::vector<int64_t> cheap_at_;  // position of each expert in cheap_
   std::vector<std::pair<double, int32_t>> options_;

@@ -327,8 +327,9 @@ def test_warm_start_gives_the_same_objective(inst, seed):
 
 @pytest.mark.parametrize("too_high", [1, 3])
 def test_warm_start_priced_too_high_on_a_large_problem(too_high):
-    """Enough rows for a row sample (4,096): a warm start with a few experts priced far too high (which a
-    forward auction cannot lower) is capped by the sample's prices and still gives the optimum."""
+    """A warm start with a few experts priced far too high (which a forward auction cannot lower) on a
+    problem large enough for the row-sample fallback (4,096 rows): the reverse step lowers them and the
+    result is still the optimum."""
     s, c, u = _contested(4500, 24, seed=5)
     u = (u * 1.1).astype(np.int64)  # spare capacity: the saturating case
     cold = assign(s, c, u)
