@@ -356,10 +356,11 @@ bool certify(const SubProblem<T>& P, Solution& X, const Candidates& C, int extra
 // tolerance.
 // From zero prices: fine 2^-kFineBits or coarse 2^-kCoarseBits; from a sample's or the caller's prices:
 // fine 2^-kWarmBits, going on at medium 2^-kMediumBits where a fine phase stalls. A fine phase stalls after
-// kFineBidsPerUnit bids per unit of demand, any phase after kBidsPerUnit (a rescan counts as E/64 bids).
+// kFineBidsPerUnit bids per unit of demand (one that can go on counts a rescan as E/64 bids, about what a
+// 4,096-wide rescan costs), any other after kBidsPerUnit.
 constexpr int kFineBits = 15, kCoarseBits = 6, kWarmBits = 19, kMediumBits = 9, kStepBits = 3, kSampleBits = 20;
 constexpr int kFloorBits = 42;
-constexpr int64_t kFineBidsPerUnit = 2;
+constexpr int64_t kFineBidsPerUnit = 16;
 constexpr int64_t kBidsPerUnit = 64;  // per phase; more means the instance does not suit the auction
 constexpr int kListFactor = 2;  // auction lists start at c_i + kListFactor * extra: a rescan costs a whole row
 constexpr int64_t kSampleMinRows = 4096;  // smaller cold problems start from zero prices
@@ -410,13 +411,14 @@ std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vec
   const double last = std::max(last_bits > 0 ? std::ldexp(range, -last_bits) : 0.5 * tolerance,
                                std::ldexp(magnitude, -kFloorBits));
   int64_t budget = bids_per_unit * (A->units() + R);
+  int64_t rescan_cost = medium_bits > 0 ? std::max<int64_t>(1, P.E / 64) : 0;
   for (eps = std::ldexp(range, -first_bits);; eps = std::max(last, std::ldexp(eps, -kStepBits))) {
-    if (!A->phase(eps, budget)) {
+    if (!A->phase(eps, budget, rescan_cost)) {
       if (medium_bits == 0) return nullptr;
       eps = std::max(eps, std::ldexp(range, -medium_bits));
       budget = kBidsPerUnit * (A->units() + R);
-      medium_bits = 0;
-      if (!A->phase(eps, budget)) return nullptr;
+      medium_bits = rescan_cost = 0;
+      if (!A->phase(eps, budget, rescan_cost)) return nullptr;
     }
     if (eps <= last) break;
   }

@@ -78,9 +78,9 @@ class Transport {
   int64_t units() const { return place_off_[E_]; }
 
   // One phase at `eps`: drop holdings no longer within eps of the best alternative, then bid until every
-  // place is held. False if that takes more than `max_bids` bids, a row rescan counting as E/64 (about
-  // what it costs on a 4,096-wide row); the state stays consistent, and another phase may go on from it.
-  bool phase(double eps, int64_t max_bids) {
+  // place is held. False if that takes more than `max_bids` bids, a row rescan counting as `rescan_cost`
+  // of them (0: free); the state stays consistent, and another phase may go on from it.
+  bool phase(double eps, int64_t max_bids, int64_t rescan_cost) {
     std::deque<int32_t> queue;
     for (int64_t r = 0; r < R_; ++r) {
       if (P_.c[r] == 0) continue;
@@ -99,7 +99,6 @@ class Transport {
     if (dummy_need_ > 0) push(queue, dummy());
     int64_t bids = 0;
     rescans_ = 0;
-    const int64_t rescan_cost = std::max<int64_t>(1, E_ / 64);
     for (; !queue.empty(); ++bids) {
       if (bids + rescan_cost * rescans_ >= max_bids) {
         for (int32_t q : queue) queued_[q] = 0;  // the next phase queues whoever is short again
