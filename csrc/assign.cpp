@@ -7,7 +7,8 @@
 // spare capacity and the problem becomes a balanced transportation problem, solved by an epsilon-scaling
 // auction on per-client candidate lists (transport.hpp), started from the caller's warm prices (after one
 // reverse-auction step that lowers the overpriced ones, reverse.hpp), from zero (few experts contested) or
-// from the prices of a row sample (solved the same way, recursively). Its prices give the LP duals, and the certificate below proves the result optimal on the full matrix.
+// from the prices of a row sample (solved the same way, recursively). Its prices give the LP duals, and
+// the certificate below proves the result optimal on the full matrix.
 //
 // General case (or if the auction stalls):
 // 1. Prices. Expert prices p (duals of the expert capacities): a forward auction from zero first; if
@@ -569,15 +570,25 @@ Solution solve(const SubProblem<T>& P, std::vector<double> price, int extra, int
   return X;
 }
 
+// Every row of the dense [N, E] `scores` as a problem, capacities clamped to [0, E] and [0, N].
+template <typename T>
+SubProblem<T> whole_problem(const py::array_t<T, py::array::c_style>& scores,
+                            const py::array_t<int64_t, py::array::c_style>& c,
+                            const py::array_t<int64_t, py::array::c_style>& u, int64_t dense_limit) {
+  const int64_t N = scores.shape(0), E = scores.shape(1);
+  SubProblem<T> P{scores.data(), E, dense_limit, std::vector<int64_t>(N), std::vector<int32_t>(N), std::vector<int32_t>(E)};
+  std::iota(P.rows.begin(), P.rows.end(), 0);
+  for (int64_t i = 0; i < N; ++i) P.c[i] = static_cast<int32_t>(std::clamp<int64_t>(c.data()[i], 0, E));
+  for (int64_t j = 0; j < E; ++j) P.u[j] = static_cast<int32_t>(std::clamp<int64_t>(u.data()[j], 0, N));
+  return P;
+}
+
 template <typename T>
 py::dict solve_py(py::array_t<T, py::array::c_style> scores, py::array_t<int64_t, py::array::c_style> c,
                   py::array_t<int64_t, py::array::c_style> u, py::object warm, int extra, int threads,
                   int64_t dense_limit) {
   const int64_t N = scores.shape(0), E = scores.shape(1);
-  SubProblem<T> P{scores.data(), E, dense_limit, std::vector<int64_t>(N), std::vector<int32_t>(N), std::vector<int32_t>(E)};
-  std::iota(P.rows.begin(), P.rows.end(), 0);
-  for (int64_t i = 0; i < N; ++i) P.c[i] = static_cast<int32_t>(std::min<int64_t>(c.data()[i], E));
-  for (int64_t j = 0; j < E; ++j) P.u[j] = static_cast<int32_t>(std::min<int64_t>(u.data()[j], N));
+  const SubProblem<T> P = whole_problem(scores, c, u, dense_limit);
   std::vector<double> price;
   if (!warm.is_none()) {
     auto w = warm.cast<py::array_t<double, py::array::c_style>>();
@@ -637,11 +648,8 @@ py::array_t<double> lower_unclaimed_py(py::array_t<T, py::array::c_style> scores
   if (scores.ndim() != 2 || c.ndim() != 1 || u.ndim() != 1 || price.ndim() != 1 || c.shape(0) != scores.shape(0) ||
       u.shape(0) != scores.shape(1) || price.shape(0) != scores.shape(1))
     throw std::invalid_argument("scores must be 2-D [N, E], client_capacity [N], expert_capacity and price [E]");
-  const int64_t N = scores.shape(0), E = scores.shape(1);
-  SubProblem<T> P{scores.data(), E, 0, std::vector<int64_t>(N), std::vector<int32_t>(N), std::vector<int32_t>(E)};
-  std::iota(P.rows.begin(), P.rows.end(), 0);
-  for (int64_t i = 0; i < N; ++i) P.c[i] = static_cast<int32_t>(std::clamp<int64_t>(c.data()[i], 0, E));
-  for (int64_t j = 0; j < E; ++j) P.u[j] = static_cast<int32_t>(std::clamp<int64_t>(u.data()[j], 0, N));
+  const int64_t E = scores.shape(1);
+  const SubProblem<T> P = whole_problem(scores, c, u, 0);
   const std::vector<double> lowered = lower_unclaimed(P, std::vector<double>(price.data(), price.data() + E),
                                                       std::max(1, threads));
   return py::array_t<double>(E, lowered.data());

@@ -68,6 +68,7 @@ std::vector<double> lower_unclaimed(const SubProblem<T>& P, std::vector<double> 
       if (top.count == 0) continue;
       const int32_t last = ids[top.count - 1];
       const T v = row[last] - pr[last];
+      const double claim = static_cast<double>(row[last]) - price[last];  // v in double, for the gaps
       for (int64_t k = 0; k < top.count; ++k) ++part.claimed[ids[k]], mine[ids[k]] = 1;
       // 16-wide blocks: a branch-free test of gap < cut (written so that a forbidden entry, -inf, fails
       // even while the cut is +inf), then the hits one by one.
@@ -78,7 +79,7 @@ std::vector<double> lower_unclaimed(const SubProblem<T>& P, std::vector<double> 
         for (; hits != 0; hits &= hits - 1) {
           const int64_t j = j0 + __builtin_ctz(hits);
           if (mine[j]) continue;
-          const double gap = (static_cast<double>(row[last]) - price[last]) - (static_cast<double>(row[j]) - price[j]);
+          const double gap = claim - (static_cast<double>(row[j]) - price[j]);
           double* h = part.gap.data() + heap_off[j];
           int32_t& n = part.size[j];
           const int32_t cap = static_cast<int32_t>(heap_off[j + 1] - heap_off[j]);
