@@ -358,14 +358,14 @@ bool certify(const SubProblem<T>& P, Solution& X, const Candidates& C, int extra
 // From zero prices: fine 2^-kFineBits or coarse 2^-kCoarseBits. From a sample's or the caller's prices:
 // fine 2^-kWarmBits if they are nearly clearing (at most 1 / kNearExact of the demand beyond capacity at
 // them), going on at medium 2^-kMediumBits where that stalls; else medium right away. Replayed 100,000 x
-// 4,096 alignment rounds (1.3-8.3% excess after the reverse step) took 2.4-4.1 s from medium against
+// 4,096 alignment rounds (0.6-8.3% excess after the reverse step) took 2.4-4.1 s from medium against
 // 2.8-7.8 s with a fine phase first, which stalled on every one; exact prices (0.2% excess, ties) 1.4 s
 // fine against 1.7 s medium (measured). A fine phase stalls after kFineBidsPerUnit bids per unit of demand
 // (counting a rescan as E/64 bids, about what a 4,096-wide rescan costs), any other after kBidsPerUnit.
 constexpr int kFineBits = 15, kCoarseBits = 6, kWarmBits = 19, kMediumBits = 9, kStepBits = 3, kSampleBits = 20;
 constexpr int kFloorBits = 42;
 constexpr int64_t kFineBidsPerUnit = 16;
-constexpr int64_t kNearExact = 100;
+constexpr int64_t kNearExact = 400;
 constexpr int64_t kBidsPerUnit = 64;  // per phase; more means the instance does not suit the auction
 constexpr int kListFactor = 2;  // auction lists start at c_i + kListFactor * extra: a rescan costs a whole row
 constexpr int64_t kSampleMinRows = 4096;  // smaller cold problems start from zero prices

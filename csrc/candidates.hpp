@@ -92,6 +92,8 @@ struct RowScratch {
   std::vector<std::pair<T, int32_t>> all;
 };
 
+constexpr int64_t kInsertTop = 32;  // select_row's threshold by insertion up to this M, else nth_element
+
 template <typename T>
 RowTop<T> select_row(const T* row, const T* price, int64_t E, int64_t L, int32_t* ids, RowScratch<T>& scratch) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
@@ -127,10 +129,21 @@ RowTop<T> select_row(const T* row, const T* price, int64_t E, int64_t L, int32_t
   }
   T thr = -kInf;
   if (reached >= M) {
-    T* sorted = block_best + nb;
-    std::copy_n(block_best, nb, sorted);
-    std::nth_element(sorted, sorted + (M - 1), sorted + nb, std::greater<T>());
-    thr = sorted[M - 1];
+    T* top = block_best + nb;
+    if (M <= kInsertTop) {  // the M best kept sorted: most block maxima fail one comparison
+      int64_t n = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const T x = block_best[b];
+        if (n == M && !(x > top[M - 1])) continue;
+        int64_t i = n < M ? n++ : M - 1;
+        for (; i > 0 && top[i - 1] < x; --i) top[i] = top[i - 1];
+        top[i] = x;
+      }
+    } else {
+      std::copy_n(block_best, nb, top);
+      std::nth_element(top, top + (M - 1), top + nb, std::greater<T>());
+    }
+    thr = top[M - 1];
   }
   auto& all = scratch.all;
   all.clear();

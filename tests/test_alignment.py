@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import fedmoe_kernels
 from fedmoe.alignment import (
     STRATEGIES,
     CapacityProfile,
@@ -25,6 +26,7 @@ from fedmoe.alignment import (
     gini,
     make_strategy,
     minmax,
+    strategies,
 )
 from fedmoe.alignment import desirability as desirability_module
 from fedmoe.alignment._select import top_per_row
@@ -502,6 +504,32 @@ def test_optimal_is_the_exact_optimum_of_its_scores():
     assert float(result.pair_scores.astype(np.float64).sum()) == pytest.approx(reference.objective, abs=1e-4)
     total = int(result.client_capacity.sum())
     np.testing.assert_array_equal(result.expert_capacity, np.full(10, -(-total // 10)))
+
+
+def test_optimal_warm_start_keeps_relative_prices(monkeypatch):
+    """The next round's warm start is last round's prices shifted by the change of each expert's load term,
+    then by one constant to a minimum of 0 (clipping would flatten every price the shift took below 0)."""
+    seen, real = [], fedmoe_kernels.assign
+
+    def spy(scores, c, u, warm_start=None, **kw):
+        solution = real(scores, c, u, warm_start=warm_start, **kw)
+        seen.append((warm_start, solution.certificate.expert_price))
+        return solution
+
+    monkeypatch.setattr(strategies.fedmoe_kernels, "assign", spy)
+    fitness, load, profiles = world(n=60, e=8, contested=True)
+    strategy = make_strategy(StrategyConfig(name="optimal", max_experts=2))
+    columns = []
+    for r in range(3):
+        columns.append(strategy.desirability.load_term(load.load))
+        result = strategy.assign(round_state(fitness, load, profiles, r))
+        load.update(result.experts, profiles.samples[result.clients])
+    assert seen[0][0] is None
+    for r in (1, 2):
+        warm, (_, before) = seen[r][0], seen[r - 1]
+        expected = before + columns[r - 1] - columns[r]
+        assert warm.min() == 0.0
+        np.testing.assert_allclose(warm - warm[0], expected - expected[0], atol=1e-6)
 
 
 def test_deadline_aware_respects_the_deadline():

@@ -54,7 +54,7 @@ def rows(draw):
         p = (pop - 0.005 * rng.random(e)).astype(dtype)
     else:
         p = rng.integers(0, 3, e).astype(dtype) if kind == "ties" else rng.random(e).astype(dtype)
-    L = draw(st.sampled_from([1, 2, 5, 17, 24, 72, e, e + 3]))
+    L = draw(st.sampled_from([1, 2, 5, 17, 24, 31, 32, 72, e, e + 3]))  # 31 | 32: either side of kInsertTop
     return s, p, L
 
 

@@ -285,7 +285,8 @@ class OptimalStrategy(Strategy):
     def __init__(self, config: StrategyConfig | None = None):
         super().__init__(config)
         # Last round's expert prices plus its load term: subtracting this round's load term gives the warm
-        # start (a column shift of the scores shifts that column's price by the same amount).
+        # start (a column shift of the scores shifts that column's price by the same amount; a shift of
+        # all prices changes nothing, so they are moved to a minimum of 0 rather than clipped there).
         self._prices: np.ndarray | None = None
 
     def _select(self, state, scores, capacity):
@@ -301,8 +302,9 @@ class OptimalStrategy(Strategy):
         expert_capacity = np.full(e, math.ceil(self.config.expert_slack * int(capacity.sum()) / e), np.int64)
         column = self.desirability.load_term(state.load.load)
         warm = None
-        if self._prices is not None and self._prices.shape == (e,):  # prices are duals of <=: never < 0
-            warm = np.maximum(self._prices - column, 0.0)
+        if self._prices is not None and self._prices.shape == (e,) and e > 0:
+            warm = self._prices - column
+            warm -= warm.min()
         solution = fedmoe_kernels.assign(scores, capacity, expert_capacity, warm_start=warm,
                                          candidates=self.config.candidates)
         self._prices = solution.certificate.expert_price + column
