@@ -356,16 +356,14 @@ bool certify(const SubProblem<T>& P, Solution& X, const Candidates& C, int extra
 // rounding). A row sample's auction stops at kSampleBits; a certified solve at half the certificate's
 // tolerance.
 // From zero prices: fine 2^-kFineBits or coarse 2^-kCoarseBits. From a sample's or the caller's prices:
-// fine 2^-kWarmBits if they are nearly clearing (at most 1 / kNearExact of the demand beyond capacity at
-// them), going on at medium 2^-kMediumBits where that stalls; else medium right away. Replayed 100,000 x
-// 4,096 alignment rounds (0.6-8.3% excess after the reverse step) took 2.4-4.1 s from medium against
-// 2.8-7.8 s with a fine phase first, which stalled on every one; exact prices (0.2% excess, ties) 1.4 s
-// fine against 1.7 s medium (measured). A fine phase stalls after kFineBidsPerUnit bids per unit of demand
-// (counting a rescan as E/64 bids, about what a 4,096-wide rescan costs), any other after kBidsPerUnit.
+// fine 2^-kWarmBits, going on at medium 2^-kMediumBits where that stalls, or medium right away (see
+// fine_start). A fine phase stalls after kFineBidsPerUnit bids per unit of demand (counting a rescan as
+// E/64 bids, about what a 4,096-wide rescan costs), any other after kBidsPerUnit.
 constexpr int kFineBits = 15, kCoarseBits = 6, kWarmBits = 19, kMediumBits = 9, kStepBits = 3, kSampleBits = 20;
 constexpr int kFloorBits = 42;
 constexpr int64_t kFineBidsPerUnit = 16;
-constexpr int64_t kNearExact = 400;
+constexpr int64_t kNearExact = 400;  // see fine_start
+constexpr int64_t kSwamped = 16;
 constexpr int64_t kBidsPerUnit = 64;  // per phase; more means the instance does not suit the auction
 constexpr int kListFactor = 2;  // auction lists start at c_i + kListFactor * extra: a rescan costs a whole row
 constexpr int64_t kSampleMinRows = 4096;  // smaller cold problems start from zero prices
@@ -390,6 +388,32 @@ int64_t excess_demand(const SubProblem<T>& P, const Candidates& C) {
   int64_t excess = 0;
   for (int64_t j = 0; j < P.E; ++j) excess += std::max<int64_t>(0, wanted[j] - P.u[j]);
   return excess;
+}
+
+// Whether an auction from `price` (C: auction_lists at those prices) should open at fine epsilon, not medium:
+// when they nearly clear (at most 1 / kNearExact of the demand lands beyond the expert capacities), or when
+// a medium epsilon would swamp the clients' preferences (the median row's margin between its c_i-th and
+// next listed reduced score is below 1 / kSwamped of it: clients then trade places at every raise).
+// Measured on 100,000 x 4,096 instances: replayed alignment rounds (0.6-8.3% excess after the reverse
+// step, median margin 0.3-0.4 medium epsilons) took 2.4-4.1 s from medium against 2.8-7.8 s with a fine
+// phase first, which stalled on every one; exact prices (0.2% excess, ties) 1.4 s fine against 1.7 s
+// medium; bench_assign's contested instance (Zipf popularity: margins 0.009 medium epsilons), warm 2.4 s
+// fine against 14.3 s medium and cold from its row sample's prices (9.9% excess) 2.6 s against 30 s.
+template <typename T>
+bool fine_start(const SubProblem<T>& P, const Candidates& C, const std::vector<double>& price, int64_t demand) {
+  if (kNearExact * excess_demand(P, C) <= demand) return true;
+  std::vector<double> margin;
+  margin.reserve(P.rows.size());
+  for (size_t r = 0; r < P.rows.size(); ++r) {
+    const int64_t k = C.off[r] + P.c[r];
+    if (P.c[r] == 0 || k >= C.off[r + 1]) continue;
+    const int32_t a = C.expert[k - 1], b = C.expert[k];
+    margin.push_back((P.score(r, a) - price[a]) - (P.score(r, b) - price[b]));
+  }
+  if (margin.empty()) return true;
+  const auto mid = margin.begin() + margin.size() / 2;
+  std::nth_element(margin.begin(), mid, margin.end());
+  return kSwamped * *mid < std::ldexp(C.hi - C.lo, -kMediumBits);
 }
 
 // The auction on P from `price` (C: auction_lists at those prices), epsilon from range * 2^-first_bits
@@ -448,7 +472,7 @@ std::unique_ptr<Transport<T>> saturating_auction(const SubProblem<T>& P, const s
   // From estimated prices.
   const auto from = [&](const std::vector<double>& price) -> std::unique_ptr<Transport<T>> {
     if (!auction_lists(P, price, extra, threads, C)) return nullptr;
-    if (kNearExact * excess_demand(P, C) <= demand)
+    if (fine_start(P, C, price, demand))
       return run_auction(P, price, C, kWarmBits, last_bits, kFineBidsPerUnit, kMediumBits, extra, eps);
     return run_auction(P, price, C, kMediumBits, last_bits, kBidsPerUnit, 0, extra, eps);
   };
