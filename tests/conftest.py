@@ -2,12 +2,20 @@
 runs offline (no telemetry, no runtime dependency installation, no update check). Shared fixtures:
 ``one_thread`` (small models: intra-op threads only add contention on a shared 2-core machine),
 ``digits`` (a third of digits: enough for the federated loop, quick to train) and ``small_npz`` (400
-digits as an ``.npz`` file, for the command line)."""
+digits as an ``.npz`` file, for the command line). Hypothesis runs derandomized unless
+``HYPOTHESIS_PROFILE=explore``."""
 
 import dataclasses
 import os
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (a red CI must be reproducible); set
+# HYPOTHESIS_PROFILE=explore to search afresh.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 os.environ.update(FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0",
                   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1")

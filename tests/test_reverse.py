@@ -18,6 +18,7 @@ from fedmoe_kernels import _assign
 
 def _reference(s: np.ndarray, c: np.ndarray, u: np.ndarray, p: np.ndarray) -> np.ndarray:
     n, e = s.shape
+    u = np.minimum(u, n)  # like the solver: an expert has at most one place per client
     if not np.any(u > 0):
         return p.copy()
     theta = p[u > 0].min()
