@@ -351,10 +351,10 @@ bool certify(const SubProblem<T>& P, Solution& X, const Candidates& C, int extra
   return true;
 }
 
-// Epsilon-scaling phases of the saturating auction: from range * 2^-first down by 2^-kStepBits per phase
-// to range * 2^-last (never below 2^-kFloorBits of the scores' magnitude: smaller raises would vanish in
-// rounding). A row sample's auction stops at kSampleBits; a certified solve at half the certificate's
-// tolerance.
+// Epsilon-scaling phases of the saturating auction: from scale * 2^-first (eps_scale) down by 2^-kStepBits
+// per phase to scale * 2^-last (never below 2^-kFloorBits of the scores' magnitude: smaller raises would
+// vanish in rounding). A row sample's auction stops at kSampleBits; a certified solve at half the
+// certificate's tolerance.
 // From zero prices: fine 2^-kFineBits or coarse 2^-kCoarseBits. From a sample's or the caller's prices:
 // fine 2^-kWarmBits, going on at medium 2^-kMediumBits where that stalls, or medium right away (see
 // fine_start). A fine phase stalls after kFineBidsPerUnit bids per unit of demand (counting a rescan as
@@ -390,6 +390,11 @@ int64_t excess_demand(const SubProblem<T>& P, const Candidates& C) {
   return excess;
 }
 
+// The scale of the auction's epsilons: the largest spread of scores within a row. Offsets per row (such as
+// the fairness and deadline terms of the alignment scores) change no client's choices, only the overall
+// range: on the fair strategy's 100,000 x 4,096 rounds they widened it 2.6x.
+inline double eps_scale(const Candidates& C) { return C.spread > 0 ? C.spread : (C.hi > C.lo ? C.hi - C.lo : 1.0); }
+
 // Whether an auction from `price` (C: auction_lists at those prices) should open at fine epsilon, not medium:
 // when they nearly clear (at most 1 / kNearExact of the demand lands beyond the expert capacities), or when
 // a medium epsilon would swamp the clients' preferences (the median row's margin between its c_i-th and
@@ -413,14 +418,14 @@ bool fine_start(const SubProblem<T>& P, const Candidates& C, const std::vector<d
   if (margin.empty()) return true;
   const auto mid = margin.begin() + margin.size() / 2;
   std::nth_element(margin.begin(), mid, margin.end());
-  return kSwamped * *mid < std::ldexp(C.hi - C.lo, -kMediumBits);
+  return kSwamped * *mid < std::ldexp(eps_scale(C), -kMediumBits);
 }
 
-// The auction on P from `price` (C: auction_lists at those prices), epsilon from range * 2^-first_bits
-// down to range * 2^-last_bits, or with last_bits = 0 to half the certificate tolerance of P; at most
-// bids_per_unit bids per unit of demand in a phase. A phase that stalls goes on at range * 2^-medium_bits
-// with kBidsPerUnit, keeping its holdings and prices (0: no going on). Null if it stalls for good; `eps`
-// gets the last epsilon.
+// The auction on P from `price` (C: auction_lists at those prices), epsilon from scale * 2^-first_bits
+// down to scale * 2^-last_bits (eps_scale), or with last_bits = 0 to half the certificate tolerance of P;
+// at most bids_per_unit bids per unit of demand in a phase. A phase that stalls goes on at
+// scale * 2^-medium_bits with kBidsPerUnit, keeping its holdings and prices (0: no going on). Null if it
+// stalls for good; `eps` gets the last epsilon.
 template <typename T>
 std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vector<double>& price,
                                           const Candidates& C, int first_bits, int last_bits,
@@ -434,14 +439,15 @@ std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vec
   auto A = std::make_unique<Transport<T>>(P, C, price, extra, slack);
   // The tolerance of the exact solver (see extract) on this problem.
   const double tolerance = 1e-12 * (magnitude + (static_cast<double>(std::min<int64_t>(R, P.E)) + 2.0) * range);
-  const double last = std::max(last_bits > 0 ? std::ldexp(range, -last_bits) : 0.5 * tolerance,
+  const double scale = eps_scale(C);
+  const double last = std::max(last_bits > 0 ? std::ldexp(scale, -last_bits) : 0.5 * tolerance,
                                std::ldexp(magnitude, -kFloorBits));
   int64_t budget = bids_per_unit * (A->units() + R);
   int64_t rescan_cost = medium_bits > 0 ? std::max<int64_t>(1, P.E / 64) : 0;
-  for (eps = std::ldexp(range, -first_bits);; eps = std::max(last, std::ldexp(eps, -kStepBits))) {
+  for (eps = std::ldexp(scale, -first_bits);; eps = std::max(last, std::ldexp(eps, -kStepBits))) {
     if (!A->phase(eps, budget, rescan_cost)) {
       if (medium_bits == 0) return nullptr;
-      eps = std::max(eps, std::ldexp(range, -medium_bits));
+      eps = std::max(eps, std::ldexp(scale, -medium_bits));
       budget = kBidsPerUnit * (A->units() + R);
       medium_bits = rescan_cost = 0;
       if (!A->phase(eps, budget, rescan_cost)) return nullptr;

@@ -50,6 +50,7 @@ struct Candidates {
   std::vector<int32_t> allowed;  // number of allowed (finite) pairs per row
   std::vector<double> bound;
   double lo = std::numeric_limits<double>::infinity(), hi = -std::numeric_limits<double>::infinity();
+  double spread = 0.0;  // the largest max - min of a row's finite scores (offsets per row do not count)
 };
 
 // The best `L` experts of one row by reduced score row[j] - price[j] (ties: lower j first), written to
@@ -181,13 +182,14 @@ Candidates select_candidates(const SubProblem<T>& P, const std::vector<double>& 
   C.bound.assign(R, -std::numeric_limits<double>::infinity());
   const int nt = std::max(1, threads);
   std::vector<char> bad(nt, 0);
-  std::vector<double> lo(nt, C.lo), hi(nt, C.hi);
+  std::vector<double> lo(nt, C.lo), hi(nt, C.hi), spread(nt, 0.0);
   parallel_rows(R, threads, [&](int t, int64_t a, int64_t b) {
     RowScratch<T> scratch;
     for (int64_t r = a; r < b; ++r) {
       const RowTop<T> top = select_row(P.row(r), pr.data(), E, cap_off[r + 1] - cap_off[r], slot.data() + cap_off[r], scratch);
       bad[t] |= top.bad;
       lo[t] = std::min<double>(lo[t], top.lo), hi[t] = std::max<double>(hi[t], top.hi);
+      if (top.finite > 0) spread[t] = std::max(spread[t], static_cast<double>(top.hi) - top.lo);
       count[r] = static_cast<int32_t>(top.count);
       C.allowed[r] = static_cast<int32_t>(top.finite);
       C.bound[r] = top.bound;
@@ -195,7 +197,7 @@ Candidates select_candidates(const SubProblem<T>& P, const std::vector<double>& 
   });
   for (int t = 0; t < nt; ++t) {
     if (bad[t]) throw std::invalid_argument("scores must not contain NaN or +inf");
-    C.lo = std::min(C.lo, lo[t]), C.hi = std::max(C.hi, hi[t]);
+    C.lo = std::min(C.lo, lo[t]), C.hi = std::max(C.hi, hi[t]), C.spread = std::max(C.spread, spread[t]);
   }
   C.off.assign(R + 1, 0);
   for (int64_t r = 0; r < R; ++r) C.off[r + 1] = C.off[r] + count[r];
