@@ -28,7 +28,6 @@ from fedmoe.alignment import (
     minmax,
     strategies,
 )
-from fedmoe.alignment import desirability as desirability_module
 from fedmoe.alignment._select import top_per_row
 from fedmoe_kernels.reference import assign_linprog
 
@@ -337,9 +336,9 @@ def test_profile_validation():
 # ---------------------------------------------------------------------------------------------- desirability
 
 
-def test_desirability_formula_in_blocks(monkeypatch):
-    monkeypatch.setattr(desirability_module, "_BLOCK_ELEMENTS", 40)  # several row blocks
-    fitness, load, _ = world(n=50, e=16, form="lean")
+@pytest.mark.parametrize("form", ["lean", "dense"])
+def test_desirability_formula(form):
+    fitness, load, _ = world(n=50, e=16, form=form)
     cfg = DesirabilityConfig(alpha=2.0, beta=0.5, fairness=0.3, deadline=0.7)
     rng = np.random.default_rng(5)
     clients = rng.choice(50, 23, replace=False)
@@ -350,6 +349,7 @@ def test_desirability_formula_in_blocks(monkeypatch):
     expected = (2.0 * (f - f.min()) / (f.max() - f.min()) - 0.5 * minmax(load.load)[None, :]
                 + 0.3 * deficit[:, None] - 0.7 * pressure[:, None])
     np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert Desirability(cfg).fill(np.empty((0, 16), np.float32), clients[:0], fitness).shape == (0, 16)
     flat = Desirability().fill(np.empty((2, 16), np.float32), np.array([0, 1]), DenseFitness(2, 16))
     np.testing.assert_array_equal(flat, 0)  # constant fitness, no load: all zeros, not NaN
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedmoe.alignment import _checks
 from fedmoe.alignment.fitness import FitnessTable
 
 __all__ = ["Desirability", "DesirabilityConfig", "minmax"]
-
-_BLOCK_ELEMENTS = 1 << 20  # rows per block: ~4 MiB of float32, so each block's passes stay in cache
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ def minmax(x: np.ndarray) -> np.ndarray:
 
 
 class Desirability:
-    """Fills score buffers with ``D`` in row blocks, in place (no [n, E] temporaries)."""
+    """Fills score buffers with ``D`` in place (no [n, E] temporaries)."""
 
     def __init__(self, config: DesirabilityConfig | None = None):
         config = DesirabilityConfig() if config is None else config
@@ -69,26 +68,20 @@ class Desirability:
         ``load`` (float [E]) None leaves the load term out (greedy; load-balanced applies it as it goes);
         ``deficit`` / ``pressure`` (float [n]) None leave that row term out.
         """
-        n, e = out.shape
+        n = out.shape[0]
         cfg = self.config
-        step = max(1, _BLOCK_ELEMENTS // e)
-        lo, hi = np.inf, -np.inf
-        for s in range(0, n, step):
-            block = out[s:s + step]
-            fitness.fill(clients[s:s + step], block)
-            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+        fitness.fill(clients, out)
+        if out.size == 0:
+            return out
+        t = torch.from_numpy(out)  # the passes below run on torch's threads, in place
+        lo, hi = (float(x) for x in torch.aminmax(t))
         scale = cfg.alpha / (hi - lo) if hi > lo else 0.0
-        row = np.full(n, -scale * lo if n else 0.0)
+        row = np.full(n, -scale * lo)
         if deficit is not None:
             row += cfg.fairness * deficit
         if pressure is not None:
             row -= cfg.deadline * pressure
-        row = row.astype(np.float32)
-        column = None if load is None else self.load_term(load)
-        for s in range(0, n, step):
-            block = out[s:s + step]
-            block *= np.float32(scale)
-            block += row[s:s + step, None]
-            if column is not None:
-                block -= column
+        torch.add(torch.from_numpy(row.astype(np.float32))[:, None], t, alpha=scale, out=t)
+        if load is not None:
+            t -= torch.from_numpy(self.load_term(load))
         return out

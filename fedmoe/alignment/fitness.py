@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedmoe.alignment import _checks
 from fedmoe.alignment._select import top_per_row
@@ -175,9 +176,9 @@ class DenseFitness(FitnessTable):
         flat = self.values.reshape(-1)
         old = flat[keys]
         rho = np.float32(self.config.decay)
-        if rho != 1:
-            self.values *= rho
-            self.values += ((1 - rho) * self.prior)[:, None]
+        if rho != 1:  # values <- rho·values + (1 - rho)·prior: one pass in place, on torch's threads
+            v = torch.from_numpy(self.values)
+            torch.add(torch.from_numpy((1 - rho) * self.prior)[:, None], v, alpha=float(rho), out=v)
         lam = self.config.ema
         flat[keys] = (lam * old + (1 - lam) * values).astype(np.float32)
 
@@ -189,7 +190,11 @@ class DenseFitness(FitnessTable):
         self.values[clients] = prior + factor * (self.values[clients] - prior)
 
     def _fill(self, clients, out):
-        np.take(self.values, clients, axis=0, out=out)
+        if out.flags.c_contiguous:  # on torch's threads
+            values, rows = torch.from_numpy(self.values), torch.from_numpy(clients)
+            torch.index_select(values, 0, rows, out=torch.from_numpy(out))
+        else:
+            np.take(self.values, clients, axis=0, out=out)
 
     def _get(self, clients, experts):
         return self.values[clients, experts]
