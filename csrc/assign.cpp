@@ -362,8 +362,7 @@ bool certify(const SubProblem<T>& P, Solution& X, const Candidates& C, int extra
 constexpr int kFineBits = 15, kCoarseBits = 6, kWarmBits = 19, kMediumBits = 9, kStepBits = 3, kSampleBits = 20;
 constexpr int kFloorBits = 42;
 constexpr int64_t kFineBidsPerUnit = 16;
-constexpr int64_t kNearExact = 400;  // see fine_start
-constexpr int64_t kSwamped = 16;
+constexpr int64_t kNearExact = 400, kSwamped = 16;  // see fine_start
 constexpr int64_t kBidsPerUnit = 64;  // per phase; more means the instance does not suit the auction
 constexpr int kListFactor = 2;  // auction lists start at c_i + kListFactor * extra: a rescan costs a whole row
 constexpr int64_t kSampleMinRows = 4096;  // smaller cold problems start from zero prices
@@ -393,7 +392,7 @@ int64_t excess_demand(const SubProblem<T>& P, const Candidates& C) {
 // The scale of the auction's epsilons: the largest spread of scores within a row. Offsets per row (such as
 // the fairness and deadline terms of the alignment scores) change no client's choices, only the overall
 // range: on the fair strategy's 100,000 x 4,096 rounds they widened it 2.6x.
-inline double eps_scale(const Candidates& C) { return C.spread > 0 ? C.spread : (C.hi > C.lo ? C.hi - C.lo : 1.0); }
+inline double eps_scale(const Candidates& C) { return C.spread > 0 ? C.spread : C.range(); }
 
 // Whether an auction from `price` (C: auction_lists at those prices) should open at fine epsilon, not medium:
 // when they nearly clear (at most 1 / kNearExact of the demand lands beyond the expert capacities), or when
@@ -431,7 +430,7 @@ std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vec
                                           const Candidates& C, int first_bits, int last_bits,
                                           int64_t bids_per_unit, int medium_bits, int extra, double& eps) {
   const int64_t R = static_cast<int64_t>(P.rows.size());
-  const double range = C.hi > C.lo ? C.hi - C.lo : 1.0;
+  const double range = C.range();
   double magnitude = std::max(std::abs(C.hi), std::abs(C.lo)) + range;
   for (double p : price) magnitude = std::max(magnitude, std::abs(p));
   // Bounds from select_candidates are computed in T: allow for their rounding.
@@ -459,7 +458,7 @@ std::unique_ptr<Transport<T>> run_auction(const SubProblem<T>& P, const std::vec
 
 // The saturating auction on P, from the best start that works:
 // 1. the caller's warm start (e.g. the previous round's prices) after one reverse step (reverse.hpp), at
-//    fine or medium epsilon (see kNearExact);
+//    fine or medium epsilon (see fine_start);
 // 2. zero prices at fine epsilon, with a small bid budget, where few experts are contested (for a large
 //    problem, only if that also worked on its row sample);
 // 3. for a large problem, the prices of a row sample (solved the same way), likewise;
@@ -538,9 +537,7 @@ bool solve_saturating(const SubProblem<T>& P, const std::vector<double>& warm, i
   // The dual gap is then at most epsilon per unit of capacity. Experts without capacity and clients
   // without demand cost nothing in the dual objective: their duals just cover every score.
   const std::vector<double>& pi = A->price();
-  double theta = std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < E; ++j)
-    if (P.u[j] > 0) theta = std::min(theta, pi[j]);
+  const double theta = P.lowest_price(pi);
   Y.lambda = std::numeric_limits<double>::infinity();
   for (int64_t r = 0; r < R; ++r)
     if (P.c[r] > 0) Y.lambda = std::min(Y.lambda, value[r] + theta);

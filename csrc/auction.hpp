@@ -50,7 +50,7 @@ class Auction {
     heap_client_.resize(heap_off_[E_]);
     heap_len_.assign(E_, 0);
     queued_.assign(R_, 0);
-    range_ = C.hi > C.lo ? C.hi - C.lo : 1.0;
+    range_ = C.range();
   }
 
   double range() const { return range_; }

@@ -40,6 +40,13 @@ struct SubProblem {
   std::vector<int32_t> u;     // per expert, clamped to the number of rows
   const T* row(int64_t r) const { return S + rows[r] * E; }
   double score(int64_t r, int64_t j) const { return static_cast<double>(S[rows[r] * E + j]); }
+  // The lowest of `price` [E] over experts with capacity (+inf if none has any).
+  double lowest_price(const std::vector<double>& price) const {
+    double theta = std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < E; ++j)
+      if (u[j] > 0) theta = std::min(theta, price[j]);
+    return theta;
+  }
 };
 
 // Candidate experts per row in CSR form. `bound[r]` is an upper bound on the reduced score S_rj - p_j of
@@ -51,6 +58,7 @@ struct Candidates {
   std::vector<double> bound;
   double lo = std::numeric_limits<double>::infinity(), hi = -std::numeric_limits<double>::infinity();
   double spread = 0.0;  // the largest max - min of a row's finite scores (offsets per row do not count)
+  double range() const { return hi > lo ? hi - lo : 1.0; }  // of the finite scores (1 if all equal or none)
 };
 
 // The best `L` experts of one row by reduced score row[j] - price[j] (ties: lower j first), written to
@@ -89,7 +97,7 @@ inline void sift_down(double* q, int32_t* h, int64_t n, int64_t i, double b, int
 // Per-thread scratch space of select_row.
 template <typename T>
 struct RowScratch {
-  std::vector<T> vals;  // block maxima, then a copy to select from
+  std::vector<T> vals;  // block maxima, then the best M of them
   std::vector<std::pair<T, int32_t>> all;
 };
 

@@ -34,9 +34,7 @@ template <typename T>
 std::vector<double> lower_unclaimed(const SubProblem<T>& P, std::vector<double> price, int threads) {
   const int64_t R = static_cast<int64_t>(P.rows.size()), E = P.E;
   constexpr T kInfT = std::numeric_limits<T>::infinity();
-  double theta = std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < E; ++j)
-    if (P.u[j] > 0) theta = std::min(theta, price[j]);
+  const double theta = P.lowest_price(price);
   if (R == 0 || theta == std::numeric_limits<double>::infinity()) return price;
   std::vector<T> pr(E);
   for (int64_t j = 0; j < E; ++j) pr[j] = static_cast<T>(price[j]);
@@ -75,7 +73,8 @@ std::vector<double> lower_unclaimed(const SubProblem<T>& P, std::vector<double> 
       for (int64_t j0 = 0; j0 < E; j0 += 16) {
         const int64_t jn = std::min(E, j0 + 16);
         uint32_t hits = 0;
-        for (int64_t j = j0; j < jn; ++j) hits |= static_cast<uint32_t>(row[j] - pr[j] + part.cut[j] > v) << (j - j0);
+        for (int64_t j = j0; j < jn; ++j)
+          hits |= static_cast<uint32_t>(row[j] - pr[j] + part.cut[j] > v) << (j - j0);
         for (; hits != 0; hits &= hits - 1) {
           const int64_t j = j0 + __builtin_ctz(hits);
           if (mine[j]) continue;
