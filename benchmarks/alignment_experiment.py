@@ -43,10 +43,10 @@ import matplotlib.pyplot as plt
 from alignment_population import Population
 
 from fedmoe.alignment import (
+    AlignmentConfig,
     DesirabilityConfig,
     ExpertLoad,
     RoundState,
-    StrategyConfig,
     fitness_table,
     make_strategy,
 )
@@ -56,14 +56,14 @@ MAX_EXPERTS = 4
 DEADLINE = 100.0  # seconds: with DEFAULT_TIERS a low-tier client fits about one expert, a mid-tier one four
 LOW_TIER = 2
 STRATEGIES = {
-    "random": StrategyConfig(name="random", max_experts=MAX_EXPERTS),
-    "greedy": StrategyConfig(name="greedy", max_experts=MAX_EXPERTS),
-    "load-balanced": StrategyConfig(name="load-balanced", max_experts=MAX_EXPERTS),
-    "optimal": StrategyConfig(name="optimal", max_experts=MAX_EXPERTS),
-    "deadline-aware": StrategyConfig(name="deadline-aware", max_experts=MAX_EXPERTS,
-                                     desirability=DesirabilityConfig(deadline=0.5)),
-    "fair": StrategyConfig(name="fair", max_experts=MAX_EXPERTS, min_share=0.5, window=10,
-                           desirability=DesirabilityConfig(fairness=1.0, deadline=0.5)),
+    "random": AlignmentConfig(strategy="random", max_experts=MAX_EXPERTS),
+    "greedy": AlignmentConfig(strategy="greedy", max_experts=MAX_EXPERTS),
+    "load-balanced": AlignmentConfig(strategy="load-balanced", max_experts=MAX_EXPERTS),
+    "optimal": AlignmentConfig(strategy="optimal", max_experts=MAX_EXPERTS),
+    "deadline-aware": AlignmentConfig(strategy="deadline-aware", max_experts=MAX_EXPERTS,
+                                      desirability=DesirabilityConfig(deadline=0.5)),
+    "fair": AlignmentConfig(strategy="fair", max_experts=MAX_EXPERTS, min_share=0.5, window=10,
+                            desirability=DesirabilityConfig(fairness=1.0, deadline=0.5)),
 }
 SOLVER_STRATEGIES = {"optimal", "deadline-aware", "fair"}
 

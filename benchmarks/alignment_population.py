@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmoe.alignment import CapacityProfile, generate_profiles
+from fedmoe.alignment import ClientProfile, generate_profiles
 
 AVAILABILITY = np.array([0.9, 0.7, 0.5])  # per tier of DEFAULT_TIERS: high, mid, low
 RANK = 8
@@ -52,7 +52,7 @@ class Population:
         self.tier = generate_profiles(num_clients, seed=seed).tier
         self.time_bias = np.exp(rng.normal(0.1, 0.25, num_clients))
 
-    def profiles(self) -> CapacityProfile:
+    def profiles(self) -> ClientProfile:
         """Fresh self-reported profiles (each strategy run gets its own estimates)."""
         return generate_profiles(self.num_clients, seed=self.profiles_seed)
 
@@ -89,7 +89,7 @@ class Population:
             on = np.where(on, u >= (1 - a) * mixing, u < a * mixing)
         return out
 
-    def round_outcome(self, profiles: CapacityProfile, clients: np.ndarray, num_experts: np.ndarray,
+    def round_outcome(self, profiles: ClientProfile, clients: np.ndarray, num_experts: np.ndarray,
                       round_: int) -> tuple[np.ndarray, np.ndarray]:
         """True round time (s) of each client training ``num_experts`` experts, and whether it replied."""
         rng = np.random.default_rng([self.seed, 4, round_])

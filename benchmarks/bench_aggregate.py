@@ -46,7 +46,7 @@ import torch
 from machine import cpu_model, machine_info
 
 from fedmoe_kernels import Accumulator, aggregate
-from fedmoe_kernels.reference import aggregate_reference
+from fedmoe_kernels.aggregate import aggregate_reference
 
 EXPERTS_PER_CLIENT = 4
 SHAPES = {"full": (64, 100_000, 512), "quick": (16, 10_000, 64)}  # (E, P, M) on CPU

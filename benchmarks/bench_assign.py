@@ -1,7 +1,7 @@
-"""fedmoe_kernels.assign against named baselines, side by side in one run (DESIGN.md §3.1).
+"""fedmoe_kernels.assign against named baselines, side by side in one run (docs/design.md, Ops).
 
 1. unit capacities, uniform N x N float64: vs ``scipy.optimize.linear_sum_assignment``;
-2. b-matching N x E, c = 2, u = ceil(2N/E) + 1: vs the HiGHS LP reference (``reference.assign_linprog``,
+2. b-matching N x E, c = 2, u = ceil(2N/E) + 1: vs the HiGHS LP reference (``assign.assign_linprog``,
    interior point + crossover, two phases);
 3. scale, 100,000 x 4,096 float32, c_i uniform in 1..8, u = ceil(1.1 sum(c) / E), random and contested
    scores: each instance in a fresh subprocess (time with the certificate, peak RSS during the call with
@@ -76,7 +76,7 @@ def bench_unit(sizes, repeats: int) -> list[dict]:
 
 
 def bench_bmatching(n: int, e: int, repeats: int) -> dict:
-    from fedmoe_kernels.reference import assign_linprog
+    from fedmoe_kernels.assign import assign_linprog
 
     s = np.random.default_rng(n + e).random((n, e))
     u = math.ceil(2 * n / e) + 1

@@ -177,7 +177,7 @@ def bench_ops(config, dtype, device, backend, min_run_time, with_backward=True) 
 
 def baseline_layer_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """The layer's router and experts with the baseline's sort + index_select / index_add_ around them."""
-    expert_idx, weights, _, _ = layer._route(x)
+    expert_idx, weights, *_ = layer._route(x)
     order, token_of_row, offsets = baseline_plan(expert_idx, layer.num_experts)
     rows = layer._experts(baseline_dispatch(x, token_of_row), offsets)
     return baseline_combine(rows, order, token_of_row, weights, x.shape[0])

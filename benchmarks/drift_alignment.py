@@ -9,7 +9,7 @@ fitness (greedy, load-balanced) runs four arms on the same population, availabil
 * ``no handling``: drift, the detector off: stale rows fade only at the fitness table's normal pace;
 * ``reset``: the detector on, a fired client's row is reset to its prior (``shrink = 0``);
 * ``re-score``: the detector on, a fired client's row is replaced by its gate affinity on its current data
-  (what ``drift_rescore`` sends with each update in the federated loop).
+  (what ``drift.rescore`` sends with each update in the federated loop).
 
 Per round: the regret of the true affinity of the drifted clients' assigned pairs against their per-round
 optimum (their best experts by true affinity, as many as they were given), the same for the other
@@ -41,11 +41,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from fedmoe.alignment import (
+    AlignmentConfig,
     DriftConfig,
     DriftDetector,
     ExpertLoad,
     RoundState,
-    StrategyConfig,
     fitness_table,
     make_strategy,
 )
@@ -92,7 +92,7 @@ def run_arm(strategy: str, arm: str, before: Population, after: Population, move
     fitness = fitness_table(n, e, form="dense")
     fitness.cold_start(np.arange(n), before.gate_affinity(np.arange(n)))
     load, profiles = ExpertLoad(e), before.profiles()
-    chooser = make_strategy(StrategyConfig(name=strategy, max_experts=MAX_EXPERTS))
+    chooser = make_strategy(AlignmentConfig(strategy=strategy, max_experts=MAX_EXPERTS))
     detector = DriftDetector(n, DriftConfig(threshold=threshold if arm in ("reset", "re-score") else 0.0))
     is_moved = np.zeros(n, dtype=bool)
     is_moved[moved] = True

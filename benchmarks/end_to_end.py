@@ -34,7 +34,8 @@ from fedmoe.plots import plot_accuracy, plot_load_heatmap
 RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("random", "greedy", "load-balanced", "optimal")
 # Dirichlet(0.1) over 50 clients cannot give each 8 of the 1,437 training digits: min_samples 2 there
-SCENARIOS = {"clients20": {"num_clients": 20}, "clients50": {"num_clients": 50, "min_samples": 2}}
+SCENARIOS = {"clients20": {"federation.num_clients": 20},
+             "clients50": {"federation.num_clients": 50, "data.min_samples": 2}}
 
 
 def expert_usage(run: dict) -> list[list[float]]:
@@ -63,18 +64,21 @@ def main() -> None:
     if args.quick:
         args.seeds, args.rounds = 2, 8
     stem = "end_to_end" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
-    base = FederatedConfig(data=args.data, dirichlet_alpha=0.1, rounds=args.rounds, clients_per_round=10,
-                           num_experts=8, target_accuracy=args.target)
+    base = FederatedConfig.from_dict({"data": {"source": args.data, "dirichlet_alpha": 0.1},
+                                      "federation": {"rounds": args.rounds, "clients_per_round": 10},
+                                      "model": {"num_experts": 8},
+                                      "evaluation": {"target_accuracy": args.target}})
     seeds = list(range(args.seeds))
     start = time.perf_counter()
     report = {"check": "end to end: Dirichlet(0.1), random vs greedy vs load-balanced vs optimal",
               "environment": machine_info(torch=torch.__version__, workers=args.workers), "scenarios": {}}
     for name in names:
-        config = base.replace(**SCENARIOS[name])
+        config = base.replace(SCENARIOS[name])
         results = compare_strategies(config, STRATEGIES, seeds, args.work / stem / name, workers=args.workers,
                                      resume=args.resume)
         summary = summarize(results)
-        print(f"\n== {name}: {config.data}, {config.num_clients} clients, {config.rounds} rounds ==")
+        print(f"\n== {name}: {config.data.source}, {config.federation.num_clients} clients, "
+              f"{config.federation.rounds} rounds ==")
         print(format_table(summary, args.target))
         scenario = {"config": config.to_dict(), "seeds": seeds, "summary": summary, "strategies": {}}
         for strategy, runs in results.items():

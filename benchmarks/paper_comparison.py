@@ -52,9 +52,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("random", "greedy", "load-balanced", "optimal")
 # name -> (config changes, strategies); "contested" is the follow-up: many experts, few pairs per round
 SCENARIOS = {
-    "alpha0.1": ({"dirichlet_alpha": 0.1}, STRATEGIES),
-    "alpha0.5": ({"dirichlet_alpha": 0.5}, STRATEGIES),
-    "contested": ({"dirichlet_alpha": 0.1, "num_experts": 32, "max_experts": 2},
+    "alpha0.1": ({"data.dirichlet_alpha": 0.1}, STRATEGIES),
+    "alpha0.5": ({"data.dirichlet_alpha": 0.5}, STRATEGIES),
+    "contested": ({"data.dirichlet_alpha": 0.1, "model.num_experts": 32, "alignment.max_experts": 2},
                   ("random", "greedy", "load-balanced")),
 }
 
@@ -67,8 +67,8 @@ def checkpoint_diagnostics(checkpoint: Path, window: int = 10) -> tuple[float, f
     state = load_checkpoint(checkpoint)
     run = FederatedRun(FederatedConfig.from_dict(state["config"]))
     run.load_state_dict(state)
-    model, x, y = run.server.model, run.x_test, run.y_test.numpy()
-    seen = np.zeros((model.moe.num_experts, run.dataset.num_classes), dtype=bool)
+    model, x, y = run.server.model, run.test.inputs, run.test.targets.numpy()
+    seen = np.zeros((model.num_experts, run.dataset.num_classes), dtype=bool)
     for record in run.history[-window:]:
         for client in record["accepted"]:
             labels = np.unique(run.dataset.y_train[run.parts[client]])
@@ -112,8 +112,11 @@ def main() -> None:
     if args.quick:
         args.seeds, args.rounds = 2, 12
     suffix = "_quick" if args.quick else ""
-    base = FederatedConfig(rounds=args.rounds, target_accuracy=args.target, num_clients=20,
-                           clients_per_round=10, num_experts=8, capacity="heterogeneous")
+    base = FederatedConfig.from_dict({"federation": {"rounds": args.rounds, "num_clients": 20,
+                                                     "clients_per_round": 10},
+                                      "model": {"num_experts": 8},
+                                      "simulation": {"tiers": "heterogeneous"},
+                                      "evaluation": {"target_accuracy": args.target}})
     seeds = list(range(args.seeds))
     start = time.perf_counter()
     out = RESULTS / f"paper_comparison{suffix}.json"
@@ -125,7 +128,7 @@ def main() -> None:
                         "workers": args.workers}})
     for name in names:
         changes, strategies = SCENARIOS[name]
-        config = base.replace(**changes)
+        config = base.replace(changes)
         results = compare_strategies(config, strategies, seeds, args.work / name, workers=args.workers,
                                      resume=args.resume)
         summary = summarize(results)

@@ -4,17 +4,19 @@ margin (10-50%), as a full grid over seeds (``fedmoe sweep`` with a fixed grid).
 
 Setup: digits, Dirichlet(0.1), 20 clients (10 per round), 8 experts, heterogeneous tiers, 4 s deadline,
 drop-outs, 30 rounds, target accuracy 0.7, and self-reported capacities off by up to 30%
-(``capacity_error = 0.3``), so that the safety margin has something to protect against: a client given
-more experts than its true memory holds fails the round.
+(``simulation.profile_error = 0.3``), so that the safety margin has something to protect against: a client
+given more experts than its true memory holds fails the round.
 
     python benchmarks/sensitivity.py             # 3 x 3 x 3 grid x 3 seeds (81 runs, ~15 min on 2 cores)
     python benchmarks/sensitivity.py --quick     # 2 x 2 x 2 grid x 1 seed x 4 rounds
 
 The same sweep from the command line::
 
-    fedmoe sweep --dirichlet-alpha 0.1 --rounds 30 --target-accuracy 0.7 --capacity-error 0.3 --seeds 3 \\
-        --grid fitness_ema=0.7,0.9,0.99 --grid fit_weight/load_weight=0.3/0.7,0.5/0.5,0.7/0.3 \\
-        --grid safety_margin=0.1,0.3,0.5
+    fedmoe sweep --data.dirichlet_alpha 0.1 --federation.rounds 30 --evaluation.target_accuracy 0.7 \\
+        --simulation.profile_error 0.3 --seeds 3 \\
+        --grid fitness.ema=0.7,0.9,0.99 \\
+        --grid alignment.desirability.alpha/alignment.desirability.beta=0.3/0.7,0.5/0.5,0.7/0.3 \\
+        --grid profiles.safety_margin=0.1,0.3,0.5
 
 Writes ``benchmarks/results/sensitivity[_quick].json`` (the sweep summary plus the environment),
 ``sensitivity[_quick]_table.txt`` and ``sensitivity[_quick]_<metric>.png`` heatmaps; runs go to ``--work``.
@@ -36,9 +38,10 @@ from fedmoe.federated.sweep import METRICS, format_sweep, parse_axis, run_sweep
 from fedmoe.plots import plot_sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GRID = ("fitness_ema=0.7,0.9,0.99", "fit_weight/load_weight=0.3/0.7,0.5/0.5,0.7/0.3",
-        "safety_margin=0.1,0.3,0.5")
-QUICK_GRID = ("fitness_ema=0.7,0.99", "fit_weight/load_weight=0.3/0.7,0.7/0.3", "safety_margin=0.1,0.5")
+_WEIGHTS = "alignment.desirability.alpha/alignment.desirability.beta"
+GRID = ("fitness.ema=0.7,0.9,0.99", f"{_WEIGHTS}=0.3/0.7,0.5/0.5,0.7/0.3",
+        "profiles.safety_margin=0.1,0.3,0.5")
+QUICK_GRID = ("fitness.ema=0.7,0.99", f"{_WEIGHTS}=0.3/0.7,0.7/0.3", "profiles.safety_margin=0.1,0.5")
 
 
 def main() -> None:
@@ -50,8 +53,10 @@ def main() -> None:
     if args.quick:
         args.seeds, args.rounds = 1, 4
     stem = "sensitivity" + ("_quick" if args.quick else "")
-    base = FederatedConfig(strategy="load-balanced", dirichlet_alpha=0.1, rounds=args.rounds,
-                           target_accuracy=0.7, capacity_error=0.3)
+    base = FederatedConfig.from_dict({"data": {"dirichlet_alpha": 0.1}, "federation": {"rounds": args.rounds},
+                                      "alignment": {"strategy": "load-balanced"},
+                                      "simulation": {"profile_error": 0.3},
+                                      "evaluation": {"target_accuracy": 0.7}})
     start = time.perf_counter()
     summary = run_sweep(base, [parse_axis(a) for a in grid], range(args.seeds), args.work / stem,
                         workers=args.workers, resume=args.resume)

@@ -1,10 +1,10 @@
 """Validation check 3 of the paper (issue 9): stress tests.
 
-* ``dropout``: 20% of the assigned clients drop out mid-round (``dropout_rate = 0.2``, tier drop-outs off)
-  against none, for the four strategies.
-* ``capacity``: self-reported capacities off by up to 30% (``capacity_error = 0.3``) with the
+* ``dropout``: 20% of the assigned clients drop out mid-round (``simulation.dropout_rate = 0.2``, tier
+  drop-outs off) against none, for the four strategies.
+* ``capacity``: self-reported capacities off by up to 30% (``simulation.profile_error = 0.3``) with the
   deadline-aware strategy (the one that plans with round times): planning with the self-reports only
-  (``profile_ema = 1``) against estimating from observed round times (``profile_ema`` 0.7 and 0.3), and an
+  (``profiles.ema = 1``) against estimating from observed round times (``profiles.ema`` 0.7 and 0.3), and an
   error-free reference, at the default 4 s deadline and a tight 2.5 s one. Per round: the share of
   assigned clients that missed the deadline or failed for memory, the client-expert pairs assigned, and
   the server's time-estimate error (median ``|log(estimated / true round time)|``).
@@ -65,28 +65,31 @@ _WINDOW = 5  # rounds after the drift in which a detection counts
 
 def variants(part: str, base: FederatedConfig, drift_round: int) -> dict[str, FederatedConfig]:
     if part == "dropout":
-        calm = base.replace(dropout=False)
-        return {f"{s}{tag}": calm.replace(strategy=s, dropout_rate=rate)
+        calm = base.replace({"simulation.dropout": False})
+        return {f"{s}{tag}": calm.replace({"alignment.strategy": s, "simulation.dropout_rate": rate})
                 for s in ("random", "greedy", "load-balanced", "optimal") for tag, rate in (("", 0.0),
                                                                                             ("-drop20", 0.2))}
     if part == "capacity":
         out = {}
-        for tag, deadline in (("", base.deadline), ("-2.5s", 2.5)):
-            plan = base.replace(strategy="deadline-aware", deadline=deadline)
+        for tag, deadline in (("", base.federation.deadline), ("-2.5s", 2.5)):
+            plan = base.replace({"alignment.strategy": "deadline-aware", "federation.deadline": deadline})
+            off = {"simulation.profile_error": 0.3}
             out.update({f"exact{tag}": plan,
-                        f"self-reported{tag}": plan.replace(capacity_error=0.3, profile_ema=1.0),
-                        f"estimated{tag}": plan.replace(capacity_error=0.3, profile_ema=0.7),
-                        f"estimated-fast{tag}": plan.replace(capacity_error=0.3, profile_ema=0.3)})
+                        f"self-reported{tag}": plan.replace({**off, "profiles.ema": 1.0}),
+                        f"estimated{tag}": plan.replace({**off, "profiles.ema": 0.7}),
+                        f"estimated-fast{tag}": plan.replace({**off, "profiles.ema": 0.3})})
         return out
-    drift = base.replace(num_experts=16, top_k=1, max_experts=2, local_epochs=2, clients_per_round=0,
-                         deadline=None, dropout=False, eval_aligned=True)
+    drift = base.replace({"model.num_experts": 16, "model.top_k": 1, "alignment.max_experts": 2,
+                          "train.epochs": 2, "federation.clients_per_round": 0, "federation.deadline": None,
+                          "simulation.dropout": False, "evaluation.aligned": True})
     out = {}
     for s in ("greedy", "load-balanced"):
-        stale = drift.replace(strategy=s, drift_round=drift_round)
-        out.update({f"{s}-nodrift": drift.replace(strategy=s), f"{s}-stale": stale,
-                    f"{s}-shrink": stale.replace(drift_threshold=_THRESHOLD),
-                    f"{s}-rescore": stale.replace(drift_threshold=_THRESHOLD, drift_rescore=True)})
-    out["random-drift"] = drift.replace(strategy="random", drift_round=drift_round)
+        stale = drift.replace({"alignment.strategy": s, "simulation.drift_round": drift_round})
+        out.update({f"{s}-nodrift": drift.replace({"alignment.strategy": s}), f"{s}-stale": stale,
+                    f"{s}-shrink": stale.replace({"drift.threshold": _THRESHOLD}),
+                    f"{s}-rescore": stale.replace({"drift.threshold": _THRESHOLD, "drift.rescore": True})})
+    out["random-drift"] = drift.replace({"alignment.strategy": "random",
+                                         "simulation.drift_round": drift_round})
     return out
 
 
@@ -147,16 +150,17 @@ def expert_shift(config: FederatedConfig, checkpoint: Path) -> dict:
     of the per-expert accuracies before and after, and the mean accuracy before and after."""
     run = FederatedRun(config)
     run.load_state_dict(load_checkpoint(checkpoint))
-    model, sim, e = run.server.model, run.simulation, config.num_experts
+    model, sim, e = run.server.model, run.simulation, config.model.num_experts
     model.eval()
     acc = np.empty((2, len(sim.drifted), e))
     for i, client in enumerate(sorted(sim.drifted)):
-        for t, round_ in enumerate((0, config.drift_round)):
-            x, y = sim.data(client, round_)
+        for t, round_ in enumerate((0, config.simulation.drift_round)):
+            data = sim.data(client, round_)
+            x, y = data.inputs, data.targets
             for j in range(e):
-                model.moe.set_expert_mask(torch.arange(e) == j)
+                model.set_expert_mask(torch.arange(e) == j)
                 acc[t, i, j] = float((model(x)[0].argmax(1) == y).double().mean())
-    model.moe.set_expert_mask(None)
+    model.set_expert_mask(None)
     corr = [np.corrcoef(old, new)[0, 1] for old, new in zip(*acc, strict=True)]
     return {"spread": float(np.ptp(acc, axis=2).mean()), "best_changed": float(np.mean(
         acc[0].argmax(1) != acc[1].argmax(1))), "correlation": float(np.nanmean(corr)),
@@ -210,7 +214,8 @@ def part_report(part: str, results: dict[str, list[dict]], drift_round: int, run
             row["fitness_error_after"] = mean_std(error[:, drift_round:drift_round + 5].mean(1).tolist())
             if name.endswith("-stale"):
                 shifts = [expert_shift(FederatedConfig.from_dict(run["config"]),
-                                       run_dir / f"{name}-seed{run['config']['seed']}.pt") for run in runs]
+                                       run_dir / f"{name}-seed{run['config']['federation']['seed']}.pt")
+                          for run in runs]
                 row["expert_shift"] = {k: mean_std([s[k] for s in shifts]) for k in shifts[0]}
             if (reference := baseline(name)) is not None:  # paired by seed (same seed order)
                 row["paired_vs"] = reference
@@ -276,7 +281,8 @@ def main() -> None:
     if not 1 <= args.drift_round <= args.rounds - 5:
         parser.error("--drift-round must be >= 1 and leave 5 rounds after it")
     stem = "stress" + ("_quick" if args.quick else "")
-    base = FederatedConfig(dirichlet_alpha=0.1, rounds=args.rounds, target_accuracy=args.target)
+    base = FederatedConfig.from_dict({"data": {"dirichlet_alpha": 0.1}, "federation": {"rounds": args.rounds},
+                                      "evaluation": {"target_accuracy": args.target}})
     seeds = list(range(args.seeds))
     out = RESULTS / f"{stem}.json"
     report = json.loads(out.read_text()) if out.exists() else {"parts": {}}

@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "options.hpp"
+
 namespace fedmoe {
 
 // Run body(thread, lo, hi) over [0, rows) split into contiguous blocks, one per thread.
@@ -101,8 +103,6 @@ struct RowScratch {
   std::vector<std::pair<T, int32_t>> all;
 };
 
-constexpr int64_t kInsertTop = 32;  // select_row's threshold by insertion up to this M, else nth_element
-
 template <typename T>
 RowTop<T> select_row(const T* row, const T* price, int64_t E, int64_t L, int32_t* ids, RowScratch<T>& scratch) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
@@ -139,7 +139,7 @@ RowTop<T> select_row(const T* row, const T* price, int64_t E, int64_t L, int32_t
   T thr = -kInf;
   if (reached >= M) {
     T* top = block_best + nb;
-    if (M <= kInsertTop) {  // the M best kept sorted: most block maxima fail one comparison
+    if (M <= kSolverOptions.insert_top) {  // the M best kept sorted: most block maxima fail one comparison
       int64_t n = 0;
       for (int64_t b = 0; b < nb; ++b) {
         const T x = block_best[b];

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "candidates.hpp"
+#include "options.hpp"
 
 namespace fedmoe {
 
@@ -39,7 +40,7 @@ class Transport {
     list_off_.assign(R_ + 1, 0);
     hold_off_.assign(R_ + 1, 0);
     for (int64_t r = 0; r < R_; ++r) {
-      list_off_[r + 1] = list_off_[r] + std::min<int64_t>(E_, P.c[r] + std::max(extra, kLongestExtra));
+      list_off_[r + 1] = list_off_[r] + std::min<int64_t>(E_, P.c[r] + std::max(extra, kSolverOptions.longest_extra));
       hold_off_[r + 1] = hold_off_[r] + P.c[r];
     }
     list_.resize(list_off_[R_]);
@@ -143,7 +144,6 @@ class Transport {
 
  private:
   static constexpr int32_t kEmpty = -1;
-  static constexpr int kLongestExtra = 64;  // room of a list beyond c_r, for rescans
   int32_t dummy() const { return static_cast<int32_t>(R_); }
 
   void push(std::deque<int32_t>& queue, int32_t r) {

@@ -5,15 +5,18 @@
                     partition, client profiles and initial model for every strategy)
     fedmoe sweep    a grid of option values x seeds (sensitivity): one table and heatmaps
 
-Every option of :class:`fedmoe.federated.FederatedConfig` is a flag (``num_clients`` -> ``--num-clients``;
-``--deadline none`` for no deadline; ``--channels 16,32``). ``run`` writes ``OUT/result.json`` (config and
-per-round records), ``OUT/accuracy.png``, ``OUT/load_heatmap.png`` and ``OUT/checkpoint.pt`` (after every
-round; ``--resume`` continues from it). ``compare`` writes one result and checkpoint per run under
-``OUT/runs/``, ``OUT/summary.json`` (per strategy: ``final_accuracy`` and ``rounds_to_target`` lists, one
-entry per seed, null where the target was never reached, and more), ``OUT/config.json`` and the plots,
-and prints a table. ``sweep`` (``--grid fitness_ema=0.7,0.9 --grid fit_weight/load_weight=0.3/0.7,0.7/0.3``)
-writes its runs under ``OUT/runs/``, ``OUT/sweep.json`` (per grid point and metric: one value per seed,
-mean, std, min, max), ``OUT/table.txt`` (also printed) and ``OUT/heatmap_<metric>.png``.
+Every option of the configuration tree (:class:`fedmoe.federated.FederatedConfig`) is a flag named by its
+path: ``--alignment.desirability.fairness 0.5``, ``--federation.rounds 50``, ``--federation.deadline none``,
+``--model.channels 16,32``, ``--drift.rescore`` / ``--no-drift.rescore``; the everyday ones also have a
+short flag (:data:`SHORT_FLAGS`). ``run`` writes ``OUT/result.json`` (config and per-round records),
+``OUT/accuracy.png``, ``OUT/load_heatmap.png`` and ``OUT/checkpoint.pt`` (after every round; ``--resume``
+continues from it). ``compare`` writes one result and checkpoint per run under ``OUT/runs/``,
+``OUT/summary.json`` (per strategy: ``final_accuracy`` and ``rounds_to_target`` lists, one entry per seed,
+null where the target was never reached, and more), ``OUT/config.json`` and the plots, and prints a
+table. ``sweep`` (``--grid fitness.ema=0.7,0.9 --grid
+alignment.desirability.alpha/alignment.desirability.beta=0.3/0.7,0.7/0.3``) writes its runs under
+``OUT/runs/``, ``OUT/sweep.json`` (per grid point and metric: one value per seed, mean, std, min, max),
+``OUT/table.txt`` (also printed) and ``OUT/heatmap_<metric>.png``.
 """
 
 from __future__ import annotations
@@ -34,36 +37,40 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["main"]
+__all__ = ["SHORT_FLAGS", "main"]
 
 DEFAULT_STRATEGIES = "random,greedy,load-balanced,optimal"
-_PER_RUN = {"strategy", "seed"}  # set by compare's --strategies / --seeds
-
-
-def _parse_value(kind: type, text: str):
-    if kind is float and text.lower() == "none":  # the only optional option: deadline
-        return None
-    return kind(text)
+SHORT_FLAGS = {"data.source": "--data", "federation.rounds": "--rounds", "federation.seed": "--seed",
+               "alignment.strategy": "--strategy", "model.num_experts": "--num-experts"}
+_PER_RUN = {"alignment.strategy", "federation.seed"}  # set by compare's --strategies / --seeds
 
 
 def _add_config_options(parser: argparse.ArgumentParser, skip: set[str]) -> None:
     group = parser.add_argument_group("experiment options (default: the TOML config, else built in)")
-    defaults = FederatedConfig().to_dict()
-    for name, kind in FederatedConfig.option_types().items():
-        if name in skip:
+    for path, option in FederatedConfig.options().items():
+        if path in skip:
             continue
-        flag = "--" + name.replace("_", "-")
-        help_ = f"default {defaults[name]}"
+        flags = [f"--{path}"] + ([SHORT_FLAGS[path]] if path in SHORT_FLAGS else [])
+        default = "none" if option.default is None else ",".join(map(str, option.default)) \
+            if option.sequence else option.default
         # SUPPRESS: an option not given leaves no attribute, so the TOML value or the default stands
-        if kind is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_)
-        elif name == "channels":
-            group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="C1,C2,...", help=help_,
-                               type=lambda s: tuple(int(c) for c in s.split(",")))
+        if option.kind is bool:
+            group.add_argument(*flags, dest=path, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=f"default {default}")
         else:
-            group.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_,
-                               type=lambda s, kind=kind: _parse_value(kind, s), metavar=kind.__name__.upper())
+            metavar = option.kind.__name__.upper() + (",..." if option.sequence else "")
+            group.add_argument(*flags, dest=path, default=argparse.SUPPRESS, metavar=metavar,
+                               help=f"default {default}", type=_parser_of(option))
+
+
+def _parser_of(option):
+    def parse(text: str):
+        try:
+            return option.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = option.path  # argparse names the type in some errors
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,45 +84,46 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="a grid of options x seeds", allow_abbrev=False,
                            description="Sensitivity sweep: run a grid of option values over several seeds.")
     for p, out in ((run, "fedmoe_out/run"), (compare, "fedmoe_out/compare"), (sweep, "fedmoe_out/sweep")):
-        p.add_argument("--config", type=Path, help="TOML file of experiment options")
+        p.add_argument("--config", type=Path, help="TOML file of experiment options ([section] tables)")
         p.add_argument("--out", type=Path, default=Path(out), help=f"output directory (default {out})")
         p.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) in --out")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     compare.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                          help=f"comma-separated strategy names (default {DEFAULT_STRATEGIES})")
-    sweep.add_argument("--grid", action="append", required=True, metavar="NAME=V1,V2,...",
-                       help="an axis: one option (fitness_ema=0.7,0.9) or several set together "
-                            "(fit_weight/load_weight=0.3/0.7,0.7/0.3); repeat for more axes")
+    sweep.add_argument("--grid", action="append", required=True, metavar="PATH=V1,V2,...",
+                       help="an axis: one option (fitness.ema=0.7,0.9) or several set together "
+                            "(alignment.desirability.alpha/alignment.desirability.beta=0.3/0.7,0.7/0.3); "
+                            "repeat for more axes")
     for p in (compare, sweep):
         p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
         p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                        help="runs in parallel processes (default min(2, CPUs))")
     _add_config_options(run, set())
     _add_config_options(compare, _PER_RUN)
-    _add_config_options(sweep, {"seed"})
+    _add_config_options(sweep, {"federation.seed"})
     return parser
 
 
 def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> FederatedConfig:
     """TOML config (if any) with the given flags on top."""
-    options = {}
+    config = FederatedConfig()
     if args.config is not None:
         try:
-            options = tomllib.loads(args.config.read_text())
+            config = FederatedConfig.from_dict(tomllib.loads(args.config.read_text()))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             parser.error(f"--config {args.config}: {exc}")
-    for name in FederatedConfig.option_types():
-        if hasattr(args, name):
-            options[name] = getattr(args, name)
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--config {args.config}: bad experiment option: {exc}")
+    flags = {path: getattr(args, path) for path in FederatedConfig.options() if hasattr(args, path)}
     try:
-        config = FederatedConfig.from_dict(options)
+        config = config.replace(flags)
     except (TypeError, ValueError) as exc:
         parser.error(f"bad experiment option: {exc}")
     try:  # fail here, with the option named, rather than in every run
-        load_dataset(config.data, test_fraction=config.test_fraction, seed=config.seed)
+        load_dataset(config.data.source, test_fraction=config.data.test_fraction, seed=config.federation.seed)
     except (OSError, TypeError, ValueError) as exc:
-        parser.error(f"--data {config.data!r}: {exc}")
+        parser.error(f"--data {config.data.source!r}: {exc}")
     return config
 
 
@@ -126,11 +134,12 @@ def _cmd_run(args, parser) -> None:
     out = args.out
     result = run_to_file(config.to_dict(), str(out / "result.json"), str(out / "checkpoint.pt"), args.resume,
                          args.threads, not args.quiet)
-    plot_accuracy({config.strategy: [result]}, out / "accuracy.png", target=config.target_accuracy)
-    plot_load_heatmap({config.strategy: result}, out / "load_heatmap.png")
+    strategy, target = config.alignment.strategy, config.evaluation.target_accuracy
+    plot_accuracy({strategy: [result]}, out / "accuracy.png", target=target)
+    plot_load_heatmap({strategy: result}, out / "load_heatmap.png")
     cv = result["rounds"][-1]["load_cv"] if result["rounds"] else float("nan")
-    print(f"{config.strategy}: final accuracy {result['final_accuracy']:.4f}, rounds to "
-          f"{config.target_accuracy:g}: {result['rounds_to_target']}, final load CV {cv:.3f}, "
+    print(f"{strategy}: final accuracy {result['final_accuracy']:.4f}, rounds to "
+          f"{target:g}: {result['rounds_to_target']}, final load CV {cv:.3f}, "
           f"{result['bytes_sent'] / 1e6:.1f} MB sent, {result['wall_seconds']:.1f} s -> {out}")
 
 
@@ -149,7 +158,7 @@ def _cmd_compare(args, parser) -> None:
         parser.error(f"--strategies must name distinct strategies, got {args.strategies!r}")
     for s in strategies:
         try:
-            base.replace(strategy=s)
+            base.replace({"alignment.strategy": s})
         except ValueError as exc:
             parser.error(f"--strategies: {exc}")
     seeds = range(args.seeds)
@@ -159,11 +168,13 @@ def _cmd_compare(args, parser) -> None:
     out = args.out
     write_json(out / "summary.json", summary)
     write_json(out / "config.json", {**base.to_dict(), "strategies": strategies, "seeds": list(seeds)})
-    plot_accuracy(results, out / "accuracy.png", target=base.target_accuracy,
-                  title=f"Test accuracy per round ({base.data}, band: min-max over {args.seeds} seeds)")
+    target = base.evaluation.target_accuracy
+    plot_accuracy(results, out / "accuracy.png", target=target,
+                  title=f"Test accuracy per round ({base.data.source}, band: min-max over {args.seeds} "
+                        "seeds)")
     plot_load_heatmap({s: runs[0] for s, runs in results.items()}, out / "load_heatmap.png",
                       title="Expert load (seed 0)")
-    print(format_table(summary, base.target_accuracy))
+    print(format_table(summary, target))
     print(f"-> {out}/summary.json, accuracy.png, load_heatmap.png")
 
 

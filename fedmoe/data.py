@@ -4,6 +4,10 @@ Datasets come back as :class:`Dataset`: float32 images ``[N, C, H, W]`` standard
 training set's mean and std, int64 labels in ``[0, num_classes)``. Flat feature vectors ``[N, D]`` become
 ``[N, 1, 1, D]`` (one channel, one row), images ``[N, H, W]`` become ``[N, 1, H, W]``.
 
+:class:`DataConfig` is the ``[data]`` section of an experiment's configuration; :func:`load_dataset` reads
+what it names. A node's own samples travel as :class:`Samples` (inputs and targets as tensors);
+:class:`DataSpec` is what a model must know of the data to be built.
+
 Partitions split the training indices among clients: ``dirichlet`` (per class, client shares drawn from
 Dirichlet(alpha); small alpha = few classes per client), ``shards`` (sorted by label, cut into equal shards,
 ``shards_per_client`` random shards each) and ``iid``.
@@ -17,14 +21,80 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from fedmoe.alignment import _checks
 
-__all__ = ["PARTITIONS", "Dataset", "load_cifar10", "load_dataset", "load_digits", "load_npz", "partition"]
+__all__ = ["PARTITIONS", "DataConfig", "DataSpec", "Dataset", "Samples", "load_cifar10", "load_dataset",
+           "load_digits", "load_npz", "partition"]
 
 PARTITIONS = ("dirichlet", "shards", "iid")
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST = "test_batch"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``[data]`` section: ``source`` ("digits", a CIFAR-10 python directory or an ``.npz`` file),
+    ``test_fraction`` (random test split where the data has none), ``partition`` (dirichlet | shards | iid)
+    with ``dirichlet_alpha`` and ``shards_per_client``, ``min_samples`` per client."""
+
+    source: str = "digits"
+    test_fraction: float = 0.2
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    min_samples: int = 8
+
+    def __post_init__(self):
+        if not isinstance(self.source, str) or not self.source:
+            raise TypeError(f"source must be a non-empty str, got {self.source!r}")
+        _checks.real("test_fraction", self.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {list(PARTITIONS)}, got {self.partition!r}")
+        _checks.real("dirichlet_alpha", self.dirichlet_alpha, 0.0, lo_open=True)
+        _checks.integer("shards_per_client", self.shards_per_client, 1)
+        _checks.integer("min_samples", self.min_samples, 0)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model must know of its data: the ``input_shape`` of one sample and ``num_classes``."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def __post_init__(self):
+        shape = tuple(self.input_shape) if isinstance(self.input_shape, list | tuple) else None
+        if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+            raise ValueError(f"input_shape must be a non-empty sequence of positive ints, got "
+                             f"{self.input_shape!r}")
+        object.__setattr__(self, "input_shape", shape)
+        _checks.integer("num_classes", self.num_classes, 2)
+
+
+@dataclass(frozen=True, eq=False)
+class Samples:
+    """Samples of one client or of a test set: ``inputs`` [n, ...] and ``targets`` [n] (tensors).
+    ``samples[idx]`` is ``(inputs[idx], targets[idx])``."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+    def __post_init__(self):
+        if self.inputs.shape[:1] != self.targets.shape[:1]:
+            raise ValueError(f"inputs and targets must hold the same number of samples, got "
+                             f"{tuple(self.inputs.shape)} and {tuple(self.targets.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def __getitem__(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[idx], self.targets[idx]
+
+    @classmethod
+    def from_numpy(cls, inputs: np.ndarray, targets: np.ndarray) -> Samples:
+        return cls(torch.from_numpy(inputs), torch.from_numpy(targets))
 
 
 @dataclass(frozen=True)
@@ -42,6 +112,19 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.x_train.shape[1:])
+
+    @property
+    def spec(self) -> DataSpec:
+        return DataSpec(self.input_shape, self.num_classes)
+
+    def train_samples(self, idx: np.ndarray | None = None) -> Samples:
+        """The training samples (those at ``idx`` if given) as tensors."""
+        if idx is None:
+            return Samples.from_numpy(self.x_train, self.y_train)
+        return Samples.from_numpy(self.x_train[idx], self.y_train[idx])
+
+    def test_samples(self) -> Samples:
+        return Samples.from_numpy(self.x_test, self.y_test)
 
 
 def _images(x: np.ndarray, name: str) -> np.ndarray:
@@ -173,19 +256,20 @@ def load_cifar10(root) -> Dataset:
     return _build("cifar10", x / np.float32(255), y, x_test / np.float32(255), y_test)
 
 
-def load_dataset(spec: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def load_dataset(source: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """``"digits"``, a CIFAR-10 python directory, or a ``.npz`` file. ``test_fraction`` and ``seed`` set the
     random test split where the data has no test set of its own."""
-    if not isinstance(spec, str | Path):
-        raise TypeError(f"data must be a str or path, got {type(spec).__name__}")
-    if str(spec) == "digits":
+    if not isinstance(source, str | Path):
+        raise TypeError(f"source must be a str or path, got {type(source).__name__}")
+    if str(source) == "digits":
         return load_digits(test_fraction=test_fraction, seed=seed)
-    path = Path(spec)
+    path = Path(source)
     if path.is_dir():
         return load_cifar10(path)
     if path.suffix == ".npz" and path.is_file():
         return load_npz(path, test_fraction=test_fraction, seed=seed)
-    raise ValueError(f"data must be 'digits', a CIFAR-10 directory or an existing .npz file, got {spec!r}")
+    raise ValueError(f"source must be 'digits', a CIFAR-10 directory or an existing .npz file, got "
+                     f"{source!r}")
 
 
 def partition(labels, num_clients: int, scheme: str = "dirichlet", *, alpha: float = 0.5,

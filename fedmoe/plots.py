@@ -81,7 +81,7 @@ def plot_sweep(summary: Mapping, metric: str, path, *, label: str | None = None)
     axes' values. For ``rounds_to_target`` a seed that never reached the target counts as ``rounds + 1``."""
     axes = summary["axes"]
     shape = tuple(len(a["values"]) for a in axes)
-    censored = summary["base"]["rounds"] + 1
+    censored = summary["base"]["federation"]["rounds"] + 1
     means = []
     for point in summary["points"]:
         values = [censored if v is None and metric == "rounds_to_target" else v

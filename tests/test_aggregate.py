@@ -6,6 +6,7 @@ cases are a representative subset of the shapes the torch path is checked on.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 from unittest import mock
@@ -15,9 +16,12 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fedmoe_kernels import Accumulator, AggregateResult, aggregate, aggregation
+from fedmoe_kernels import Accumulator, AggregateResult, aggregate
 from fedmoe_kernels._backend import interpreting
-from fedmoe_kernels.reference import aggregate_reference
+from fedmoe_kernels.aggregate import aggregate_reference
+
+# the module (the package attribute `aggregate` is the function): its torch path's sizes are patched below
+aggregate_module = importlib.import_module("fedmoe_kernels.aggregate")
 
 TRITON = pytest.param(
     "triton",
@@ -78,7 +82,7 @@ PATHS = {"product": 0, "tiles": 1 << 62}  # _PRODUCT_BYTES: every row by a produ
 def torch_path(request, monkeypatch):
     """Force the torch batch path's sparse-dense product (rows in the accumulation dtype) or its tiles,
     whatever the row length."""
-    monkeypatch.setattr(aggregation, "_PRODUCT_BYTES", PATHS[request.param])
+    monkeypatch.setattr(aggregate_module, "_PRODUCT_BYTES", PATHS[request.param])
     return request.param
 
 
@@ -359,7 +363,7 @@ def test_sums_first_equal_verdicts_first(m, p, e, bad, zero, huge, huge_value, d
     weights[[r % m for r in zero]] = 0.0
     rows[[r % m for r in huge]] = torch.tensor(huge_value, dtype=torch.float64).to(dtype)  # may be inf
     blocks = dict(_BLOCK_BYTES=block, _LONG_BLOCK_BYTES=block, _PRODUCT_BYTES=PATHS[path])
-    with mock.patch.multiple(aggregation, **blocks):
+    with mock.patch.multiple(aggregate_module, **blocks):
         res = aggregate(rows, experts, weights, e, base, lr=lr, backend="torch")
         assert_same(res, verdicts_first(rows, experts, weights, e, base, lr=lr))
         bank = base.clone()
@@ -405,10 +409,10 @@ def test_product_and_tiles_agree(m, p, e, block, chunk, max_norm, dtype, seed):
     results = {}
     for path, product_bytes in PATHS.items():
         args = (rows, experts, weights, e, base)
-        with mock.patch.object(aggregation, "_PRODUCT_BYTES", product_bytes):
+        with mock.patch.object(aggregate_module, "_PRODUCT_BYTES", product_bytes):
             res = aggregate(*args, max_norm=max_norm, backend="torch")
             sizes = dict(_BLOCK_BYTES=block, _LONG_BLOCK_BYTES=block, _CHUNK_BYTES=chunk)
-            with mock.patch.multiple(aggregation, **sizes):
+            with mock.patch.multiple(aggregate_module, **sizes):
                 assert_same(res, aggregate(*args, max_norm=max_norm, backend="torch"))
         check(res, rows, experts, weights, base, max_norm=max_norm)
         results[path] = res
@@ -419,12 +423,12 @@ def spy_sums(monkeypatch) -> list[str]:
     """Record the names of the torch path's summing functions as they are called."""
     calls = []
     for name in ("_sum_tiles", "_sum_product"):
-        fn = getattr(aggregation, name)
-        monkeypatch.setattr(aggregation, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+        fn = getattr(aggregate_module, name)
+        monkeypatch.setattr(aggregate_module, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     return calls
 
 
-SEQUENTIAL = aggregation._product_is_sequential(torch.float32) and DEVICE == "cpu"
+SEQUENTIAL = aggregate_module._product_is_sequential(torch.float32) and DEVICE == "cpu"
 
 
 @pytest.mark.skipif(not SEQUENTIAL, reason="the sparse-dense product is not taken here (CUDA, or no MKL)")
@@ -462,15 +466,15 @@ def test_long_rows_streaming_equals_batch_bitwise(monkeypatch, dtype, clip):
     """Rows of 128 KiB or more (the batch's product, where it is taken) against the streaming form's tiles,
     over several blocks and tiles: bad rows, zero weights, growing weights (rescaled sums), rows streamed one
     by one and in uneven pieces, in place or not: the same bits, call after call."""
-    monkeypatch.setattr(aggregation, "_LONG_BLOCK_BYTES", 3 << 17)  # 3 experts per block at 128 KiB rows
-    monkeypatch.setattr(aggregation, "_CHUNK_BYTES", 3 << 17)  # tiles of 3 rows
+    monkeypatch.setattr(aggregate_module, "_LONG_BLOCK_BYTES", 3 << 17)  # 3 experts per block at 128 KiB rows
+    monkeypatch.setattr(aggregate_module, "_CHUNK_BYTES", 3 << 17)  # tiles of 3 rows
     m, p, e = 40, (1 << 17) // dtype.itemsize, 7
     max_norm = clip_norm(p) if clip else None
     rows, experts, weights, base = make_case(m, p, e, dtype=dtype, base_dtype=dtype, seed=24)
     weights = weights.double() * torch.logspace(-20, 20, m, dtype=torch.float64, device=DEVICE)
     weights[[5, 6]] = 0.0
     rows[7, 100] = 1e300 if dtype == torch.float64 else 3e38  # finite; sums with it may overflow
-    product = aggregation._product_is_sequential(dtype) and DEVICE == "cpu"  # checked before the spy
+    product = aggregate_module._product_is_sequential(dtype) and DEVICE == "cpu"  # checked before the spy
     calls = spy_sums(monkeypatch)
     batch = aggregate(rows, experts, weights, e, base, max_norm=max_norm, lr=0.7, backend="torch")
     assert ("_sum_product" in calls) == product
@@ -524,15 +528,15 @@ def test_finite_rows_whose_sum_overflows_are_accepted(p):
 def test_one_bad_row_among_many_experts(monkeypatch, block):
     """Without clipping the torch path makes no verdict pass; one bad row changes only its expert, which
     is summed again without it."""
-    monkeypatch.setattr(aggregation, "_BLOCK_BYTES", block)
+    monkeypatch.setattr(aggregate_module, "_BLOCK_BYTES", block)
     verdict_passes = []
-    torch_verdicts = aggregation._torch_verdicts
+    torch_verdicts = aggregate_module._torch_verdicts
 
     def counted(*args):
         verdict_passes.append(args)
         return torch_verdicts(*args)
 
-    monkeypatch.setattr(aggregation, "_torch_verdicts", counted)
+    monkeypatch.setattr(aggregate_module, "_torch_verdicts", counted)
     rows, experts, weights, base = make_case(300, 50, 64, seed=21, bad_rows=False)
     rows[117, 13] = math.nan
     res = aggregate(rows, experts, weights, 64, base, backend="torch")

@@ -1,4 +1,4 @@
-"""fedmoe.alignment: fitness, load, capacity, desirability and the strategies (DESIGN.md §4)."""
+"""fedmoe.alignment: fitness, load, client profiles, desirability and the strategies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import fedmoe_kernels
 from fedmoe.alignment import (
     STRATEGIES,
-    CapacityProfile,
+    AlignmentConfig,
+    ClientProfile,
     DenseFitness,
     Desirability,
     DesirabilityConfig,
@@ -19,7 +20,6 @@ from fedmoe.alignment import (
     ModelCost,
     ProfileConfig,
     RoundState,
-    StrategyConfig,
     Tier,
     fitness_table,
     generate_profiles,
@@ -29,18 +29,18 @@ from fedmoe.alignment import (
     strategies,
 )
 from fedmoe.alignment._select import top_per_row
-from fedmoe_kernels.reference import assign_linprog
+from fedmoe_kernels.assign import assign_linprog
 
 MODEL = ModelCost(base_bytes=50e6, expert_bytes=10e6, base_flops=1e9, expert_flops=0.5e9)
 
 
-def profiles_with_fit(fit, *, bandwidth=None, margin=0.2) -> CapacityProfile:
+def profiles_with_fit(fit, *, bandwidth=None, margin=0.2) -> ClientProfile:
     """Profiles whose ``experts_fit`` is exactly ``fit`` (int [N]; 0: not even one expert fits without
     the margin)."""
     fit = np.asarray(fit)
     n = fit.size
     memory = (MODEL.base_bytes + (fit + 0.5) * MODEL.expert_bytes) * np.where(fit > 0, 1 + margin, 1.0)
-    return CapacityProfile(
+    return ClientProfile(
         compute=np.full(n, 1e12), memory=memory,
         bandwidth=np.full(n, 1e7) if bandwidth is None else bandwidth,
         latency=np.full(n, 0.05), reliability=np.full(n, 0.9), samples=np.arange(n) % 7 + 10.0,
@@ -270,7 +270,7 @@ def test_profile_cost_model():
 @pytest.mark.parametrize("margin", [0.0, 0.5, 3.0, 100.0])
 def test_safety_margin_never_shuts_out_a_client_that_holds_one_expert(margin):
     memory = MODEL.base_bytes + np.array([0.5, 1.0, 1.5, 2.0, 4.5, 40.0]) * MODEL.expert_bytes
-    p = CapacityProfile(compute=np.full(6, 1e12), memory=memory, bandwidth=np.full(6, 1e7),
+    p = ClientProfile(compute=np.full(6, 1e12), memory=memory, bandwidth=np.full(6, 1e7),
                         latency=np.full(6, 0.05), reliability=np.full(6, 0.9), samples=np.full(6, 10.0),
                         model=MODEL, config=ProfileConfig(safety_margin=margin))
     bare = np.array([0, 1, 1, 2, 4, 40])
@@ -320,17 +320,17 @@ def test_generate_profiles_tiers():
 
 def test_profile_validation():
     ok = dict(compute=[1e9], memory=[1e9], bandwidth=[1e6], latency=[0.1], reliability=[0.9], samples=[10])
-    CapacityProfile(**ok)
+    ClientProfile(**ok)
     for key, bad in (("bandwidth", [0.0]), ("reliability", [1.2]), ("memory", [-1.0]), ("latency", [np.inf]),
                      ("samples", [1.0, 2.0])):
         with pytest.raises(ValueError, match=key):
-            CapacityProfile(**{**ok, key: bad})
+            ClientProfile(**{**ok, key: bad})
     with pytest.raises(ValueError, match="safety_margin"):
         ProfileConfig(safety_margin=-0.1)
     with pytest.raises(ValueError, match="expert_bytes"):
         ModelCost(expert_bytes=0)
     with pytest.raises(ValueError, match="deadline"):
-        CapacityProfile(**ok).experts_within(0.0)
+        ClientProfile(**ok).experts_within(0.0)
 
 
 # ---------------------------------------------------------------------------------------------- desirability
@@ -395,11 +395,11 @@ def check_invariants(result, state, config):
     forbidden = state.forbidden[0] * e + state.forbidden[1]
     assert not np.any(np.isin(key, forbidden))
     counts = np.bincount(result.clients, minlength=n)[result.scored_clients]
-    assert np.all(counts <= result.client_capacity)
+    assert np.all(counts <= result.experts_per_client)
     fit = state.profiles.experts_fit(result.scored_clients)
-    assert np.all(result.client_capacity <= np.minimum(fit, config.max_experts))
-    if result.expert_capacity is not None:
-        assert np.all(np.bincount(result.experts, minlength=e) <= result.expert_capacity)
+    assert np.all(result.experts_per_client <= np.minimum(fit, config.max_experts))
+    if result.clients_per_expert is not None:
+        assert np.all(np.bincount(result.experts, minlength=e) <= result.clients_per_expert)
     rows = np.searchsorted(np.sort(result.scored_clients), result.clients)
     rows = np.argsort(result.scored_clients)[rows]
     np.testing.assert_array_equal(result.pair_scores, result.scores[rows, result.experts])
@@ -407,20 +407,20 @@ def check_invariants(result, state, config):
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_strategy_invariants_and_determinism(name):
-    config = StrategyConfig(name=name, max_experts=3, seed=11, desirability=DesirabilityConfig(fairness=1.0,
-                                                                                               deadline=0.5))
+    config = AlignmentConfig(strategy=name, max_experts=3, desirability=DesirabilityConfig(fairness=1.0,
+                                                                                           deadline=0.5))
     runs = []
     for _ in range(2):
         fitness, load, profiles = world()
-        strategy = make_strategy(config)
+        strategy = make_strategy(config, seed=11)
         results = []
         for r in range(3):
             state = round_state(fitness, load, profiles, r)
             result = strategy.assign(state)
             check_invariants(result, state, config)
             if name in ("optimal", "deadline-aware", "fair"):  # clients filled as far as capacities allow
-                assert len(result) == assign_linprog(result.scores, result.client_capacity,
-                                                     result.expert_capacity).clients.size
+                assert len(result) == assign_linprog(result.scores, result.experts_per_client,
+                                                     result.clients_per_expert).clients.size
             results.append(result)
             fitness.update(result.clients, result.experts, np.ones(len(result)))
             load.update(result.experts, profiles.samples[result.clients])
@@ -434,9 +434,9 @@ def test_strategy_invariants_and_determinism(name):
 def test_greedy_takes_the_top_experts_by_fitness():
     fitness, load, profiles = world(form="lean")
     state = round_state(fitness, load, profiles, forbidden=False)
-    result = make_strategy(StrategyConfig(name="greedy", max_experts=3)).assign(state)
+    result = make_strategy(AlignmentConfig(strategy="greedy", max_experts=3)).assign(state)
     f = fitness.to_dense()
-    for client, cap in zip(result.scored_clients, result.client_capacity, strict=True):
+    for client, cap in zip(result.scored_clients, result.experts_per_client, strict=True):
         want = np.sort(np.argsort(-f[client], kind="stable")[:cap])
         np.testing.assert_array_equal(result.experts_of(client), want)
     assert result.to_dict() == {c: result.experts_of(c).tolist() for c in np.unique(result.clients)}
@@ -446,11 +446,11 @@ def test_random_strategy_is_seeded_and_spreads_evenly():
     fitness, load, profiles = world(n=200, e=8)
     profiles = profiles_with_fit(np.full(200, 2))
     counts = np.zeros(8)
-    strategy = make_strategy(StrategyConfig(name="random", max_experts=2, seed=1))
+    strategy = make_strategy(AlignmentConfig(strategy="random", max_experts=2), seed=1)
     everyone = np.arange(200)
     first = [strategy.assign(RoundState(r, everyone, fitness, load, profiles)).experts for r in range(2)]
     assert not np.array_equal(*first)
-    other = make_strategy(StrategyConfig(name="random", max_experts=2, seed=2))
+    other = make_strategy(AlignmentConfig(strategy="random", max_experts=2), seed=2)
     assert not np.array_equal(other.assign(RoundState(0, np.arange(200), fitness, load, profiles)).experts,
                               first[0])
     for r in range(10):
@@ -462,8 +462,9 @@ def test_random_strategy_is_seeded_and_spreads_evenly():
 def test_load_balanced_without_load_weight_is_greedy():
     fitness, load, profiles = world(seed=3)
     state = round_state(fitness, load, profiles)
-    greedy = make_strategy(StrategyConfig(name="greedy")).assign(state)
-    balanced = make_strategy(StrategyConfig(name="load-balanced", desirability=DesirabilityConfig(beta=0.0)))
+    greedy = make_strategy(AlignmentConfig(strategy="greedy")).assign(state)
+    balanced = make_strategy(AlignmentConfig(strategy="load-balanced",
+                                             desirability=DesirabilityConfig(beta=0.0)))
     result = balanced.assign(state)
     np.testing.assert_array_equal(result.clients, greedy.clients)
     np.testing.assert_array_equal(result.experts, greedy.experts)
@@ -473,7 +474,7 @@ def test_load_balanced_sequential_spreads_load_evenly():
     fitness, _, _ = world(n=90, e=10, contested=True)
     profiles = profiles_with_fit(np.full(90, 3))
     profiles.samples[:] = 1.0
-    config = StrategyConfig(name="load-balanced", max_experts=3, batch_size=1,
+    config = AlignmentConfig(strategy="load-balanced", max_experts=3, batch_size=1,
                             desirability=DesirabilityConfig(alpha=0.0, beta=1.0))
     result = make_strategy(config).assign(RoundState(0, np.arange(90), fitness, ExpertLoad(10), profiles))
     counts = np.bincount(result.experts, minlength=10)
@@ -485,7 +486,7 @@ def test_balancing_strategies_beat_greedy_on_a_contested_population():
     for name in ("greedy", "load-balanced", "optimal"):
         fitness, _, profiles = world(n=200, e=16, contested=True)
         load = ExpertLoad(16)
-        strategy = make_strategy(StrategyConfig(name=name, max_experts=2))
+        strategy = make_strategy(AlignmentConfig(strategy=name, max_experts=2))
         for r in range(8):
             result = strategy.assign(RoundState(r, np.arange(200), fitness, load, profiles))
             fitness.update(result.clients, result.experts, np.full(len(result), 1.0))
@@ -497,13 +498,13 @@ def test_balancing_strategies_beat_greedy_on_a_contested_population():
 
 def test_optimal_is_the_exact_optimum_of_its_scores():
     fitness, load, profiles = world(n=40, e=10)
-    strategy = make_strategy(StrategyConfig(name="optimal", max_experts=3, expert_slack=1.0))
+    strategy = make_strategy(AlignmentConfig(strategy="optimal", max_experts=3, expert_slack=1.0))
     result = strategy.assign(round_state(fitness, load, profiles))
-    reference = assign_linprog(result.scores, result.client_capacity, result.expert_capacity)
+    reference = assign_linprog(result.scores, result.experts_per_client, result.clients_per_expert)
     assert len(result) == reference.clients.size
     assert float(result.pair_scores.astype(np.float64).sum()) == pytest.approx(reference.objective, abs=1e-4)
-    total = int(result.client_capacity.sum())
-    np.testing.assert_array_equal(result.expert_capacity, np.full(10, -(-total // 10)))
+    total = int(result.experts_per_client.sum())
+    np.testing.assert_array_equal(result.clients_per_expert, np.full(10, -(-total // 10)))
 
 
 def test_optimal_warm_start_keeps_relative_prices(monkeypatch):
@@ -518,7 +519,7 @@ def test_optimal_warm_start_keeps_relative_prices(monkeypatch):
 
     monkeypatch.setattr(strategies.fedmoe_kernels, "assign", spy)
     fitness, load, profiles = world(n=60, e=8, contested=True)
-    strategy = make_strategy(StrategyConfig(name="optimal", max_experts=2))
+    strategy = make_strategy(AlignmentConfig(strategy="optimal", max_experts=2))
     columns = []
     for r in range(3):
         columns.append(strategy.desirability.load_term(load.load))
@@ -535,10 +536,10 @@ def test_optimal_warm_start_keeps_relative_prices(monkeypatch):
 def test_deadline_aware_respects_the_deadline():
     fitness, load, profiles = world(n=120)
     state = round_state(fitness, load, profiles, deadline=25.0)
-    result = make_strategy(StrategyConfig(name="deadline-aware", max_experts=6)).assign(state)
+    result = make_strategy(AlignmentConfig(strategy="deadline-aware", max_experts=6)).assign(state)
     clients, counts = np.unique(result.clients, return_counts=True)
     assert np.all(profiles.round_time(counts, clients) * 1.2 <= 25.0)
-    unconstrained = make_strategy(StrategyConfig(name="optimal", max_experts=6)).assign(state)
+    unconstrained = make_strategy(AlignmentConfig(strategy="optimal", max_experts=6)).assign(state)
     assert len(result) < len(unconstrained)
     with pytest.raises(ValueError, match="deadline"):
         make_strategy("deadline-aware").assign(round_state(fitness, load, profiles, deadline=None))
@@ -551,8 +552,8 @@ def test_fair_guarantees_a_share_of_participation():
     profiles = profiles_with_fit(np.full(n, 3), bandwidth=bandwidth)
     deadline = 60.0
     assert np.all(profiles.experts_within(deadline, np.arange(4)) == 0)
-    fair = make_strategy(StrategyConfig(name="fair", min_share=0.5, window=w))
-    aware = make_strategy(StrategyConfig(name="deadline-aware"))
+    fair = make_strategy(AlignmentConfig(strategy="fair", min_share=0.5, window=w))
+    aware = make_strategy(AlignmentConfig(strategy="deadline-aware"))
     took_part, aware_took_part = [], []
     for r in range(30):
         available = np.arange(n) if r % 5 else np.arange(2, n)  # clients 0 and 1 miss every fifth round
@@ -571,15 +572,15 @@ def test_fair_guarantees_a_share_of_participation():
 def test_strategy_state_round_trip():
     for name in ("fair", "optimal"):
         fitness, load, profiles = world()
-        a = make_strategy(StrategyConfig(name=name, window=4))
+        a = make_strategy(AlignmentConfig(strategy=name, window=4))
         for r in range(3):
             a.assign(round_state(fitness, load, profiles, r))
-        b = make_strategy(StrategyConfig(name=name, window=4))
+        b = make_strategy(AlignmentConfig(strategy=name, window=4))
         b.load_state_dict(a.state_dict())
         state = round_state(fitness, load, profiles, 3)
         np.testing.assert_array_equal(a.assign(state).experts, b.assign(state).experts)
     with pytest.raises(ValueError, match="was_available"):
-        make_strategy(StrategyConfig(name="fair", window=5)).load_state_dict(a.state_dict() | {
+        make_strategy(AlignmentConfig(strategy="fair", window=5)).load_state_dict(a.state_dict() | {
             "was_available": np.zeros((4, 80), bool)})
     with pytest.raises(ValueError, match="no state"):
         make_strategy("greedy").load_state_dict({"prices": np.zeros(3)})
@@ -595,23 +596,23 @@ def test_lean_and_dense_fitness_give_the_same_assignment():
 
 
 def test_bad_strategy_configuration_is_rejected():
-    with pytest.raises(ValueError, match="name must be one of"):
-        StrategyConfig(name="best")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        AlignmentConfig(strategy="best")
     with pytest.raises(ValueError, match="expert_slack"):
-        StrategyConfig(name="optimal", expert_slack=0.5)
+        AlignmentConfig(strategy="optimal", expert_slack=0.5)
     with pytest.raises(ValueError, match="min_share"):
-        StrategyConfig(name="fair", min_share=1.5)
+        AlignmentConfig(strategy="fair", min_share=1.5)
     with pytest.raises(TypeError, match="max_experts"):
-        StrategyConfig(max_experts=2.0)
+        AlignmentConfig(max_experts=2.0)
     with pytest.raises(ValueError, match="alpha"):
-        make_strategy({"name": "optimal", "desirability": {"alpha": -1.0}})
+        make_strategy({"strategy": "optimal", "desirability": {"alpha": -1.0}})
     with pytest.raises(TypeError, match="unexpected keyword"):
-        make_strategy({"name": "optimal", "gamma": 0.5})
+        make_strategy({"strategy": "optimal", "gamma": 0.5})
     with pytest.raises(TypeError, match="config"):
         make_strategy(3)
-    with pytest.raises(ValueError, match=r"config\.name"):
-        STRATEGIES["greedy"](StrategyConfig(name="random"))
-    fair = make_strategy({"name": "fair", "desirability": {"fairness": 2.0}})
+    with pytest.raises(ValueError, match=r"config\.strategy"):
+        STRATEGIES["greedy"](AlignmentConfig(strategy="random"))
+    fair = make_strategy({"strategy": "fair", "desirability": {"fairness": 2.0}})
     assert fair.config.desirability == DesirabilityConfig(fairness=2.0)
 
 

@@ -1,4 +1,4 @@
-"""assign (DESIGN.md §3.1): the C++ fast path against the references, property-based.
+"""assign (docs/design.md, Ops): the C++ fast path against the references, property-based.
 
 The referee is ``assign_linprog`` (HiGHS on the totally unimodular LP); it is itself checked against
 ``assign_lsa`` on unit-capacity instances and against brute force on tiny ones. Test instances are
@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedmoe_kernels import Assignment, assign
-from fedmoe_kernels.reference import assign_linprog, assign_lsa
+from fedmoe_kernels.assign import assign_linprog, assign_lsa
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 SCORE_KINDS = ("ties", "uniform", "negative", "wide", "contested")
@@ -43,7 +45,7 @@ def _scores(rng, kind: str, n: int, e: int) -> np.ndarray:
 
 @st.composite
 def instances(draw, max_size: int = 60, unit: bool = False, kinds=SCORE_KINDS, rows=None, cols=None):
-    """(scores, client_capacity, expert_capacity); ``unit``: one side has all capacities <= 1; ``rows``,
+    """(scores, experts_per_client, clients_per_expert); ``unit``: one side has all capacities <= 1; ``rows``,
     ``cols``: (lo, hi) ranges of N and E (default 1..max_size)."""
     n = draw(st.integers(*(rows or (1, max_size))))
     e = draw(st.integers(*(cols or (1, max_size))))
@@ -437,20 +439,20 @@ BAD_INPUTS = [
     ("scores", {"scores": np.zeros((4, 3), dtype=np.float16)}),
     ("scores", {"scores": np.zeros(3)}),
     ("scores", {"scores": np.zeros((2, 2, 3))}),
-    ("client_capacity", {"client_capacity": -1}),
-    ("client_capacity", {"client_capacity": np.array([1, 1, -1, 1])}),
-    ("client_capacity", {"client_capacity": 1.5}),
-    ("client_capacity", {"client_capacity": np.array([1.0, 2.0, 0.5, 1.0])}),
-    ("client_capacity", {"client_capacity": np.inf}),
-    ("client_capacity", {"client_capacity": np.ones(3, dtype=np.int64)}),
-    ("client_capacity", {"client_capacity": np.ones((4, 1), dtype=np.int64)}),
-    ("client_capacity", {"client_capacity": True}),
-    ("client_capacity", {"client_capacity": 1 + 0j}),
-    ("client_capacity", {"client_capacity": "2"}),
-    ("expert_capacity", {"expert_capacity": -2}),
-    ("expert_capacity", {"expert_capacity": 2.5}),
-    ("expert_capacity", {"expert_capacity": np.ones(4, dtype=np.int64)}),
-    ("expert_capacity", {"expert_capacity": np.array([True, False, True])}),
+    ("experts_per_client", {"experts_per_client": -1}),
+    ("experts_per_client", {"experts_per_client": np.array([1, 1, -1, 1])}),
+    ("experts_per_client", {"experts_per_client": 1.5}),
+    ("experts_per_client", {"experts_per_client": np.array([1.0, 2.0, 0.5, 1.0])}),
+    ("experts_per_client", {"experts_per_client": np.inf}),
+    ("experts_per_client", {"experts_per_client": np.ones(3, dtype=np.int64)}),
+    ("experts_per_client", {"experts_per_client": np.ones((4, 1), dtype=np.int64)}),
+    ("experts_per_client", {"experts_per_client": True}),
+    ("experts_per_client", {"experts_per_client": 1 + 0j}),
+    ("experts_per_client", {"experts_per_client": "2"}),
+    ("clients_per_expert", {"clients_per_expert": -2}),
+    ("clients_per_expert", {"clients_per_expert": 2.5}),
+    ("clients_per_expert", {"clients_per_expert": np.ones(4, dtype=np.int64)}),
+    ("clients_per_expert", {"clients_per_expert": np.array([True, False, True])}),
     ("candidates", {"candidates": 0}),
     ("candidates", {"candidates": -3}),
     ("candidates", {"candidates": 2.0}),
@@ -471,7 +473,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("name", "bad"), BAD_INPUTS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD_INPUTS)])
 def test_bad_input_raises_value_error_naming_the_argument(name, bad):
-    kwargs = {"scores": S, "client_capacity": 1, "expert_capacity": None} | bad
+    kwargs = {"scores": S, "experts_per_client": 1, "clients_per_expert": None} | bad
     with pytest.raises(ValueError, match=name):
         assign(**kwargs)
 
@@ -480,3 +482,8 @@ def test_warm_start_from_a_different_problem_is_rejected():
     other = assign(np.zeros((2, 5)), 1)
     with pytest.raises(ValueError, match="warm_start"):
         assign(S, 1, warm_start=other)
+
+
+def test_assign_does_not_import_torch():
+    code = "import sys\nfrom fedmoe_kernels import assign\nassert 'torch' not in sys.modules\n"
+    subprocess.run([sys.executable, "-c", code], check=True)

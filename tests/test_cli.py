@@ -17,8 +17,8 @@ from fedmoe.cli import main
 from fedmoe.federated import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ["--num-experts", "4", "--d-model", "8", "--d-hidden", "16", "--channels", "4", "--max-experts", "2",
-         "--quiet"]
+MODEL = ["--num-experts", "4", "--model.d_model", "8", "--model.d_hidden", "16", "--model.channels", "4",
+         "--alignment.max_experts", "2", "--quiet"]
 # the killed process sleeps in round 2 (after the checkpoint of rounds 0 and 1) until it is killed
 SLEEP_IN_ROUND_2 = """
 import sys, time
@@ -37,7 +37,8 @@ main(sys.argv[1:])
 
 @pytest.fixture
 def tiny(small_npz) -> list[str]:
-    return ["--data", small_npz, "--num-clients", "4", "--clients-per-round", "3", *MODEL]
+    return ["--data", small_npz, "--federation.num_clients", "4", "--federation.clients_per_round", "3",
+            *MODEL]
 
 
 @pytest.fixture(autouse=True)
@@ -57,11 +58,13 @@ def _strip(result: dict) -> dict:
 
 def test_run_writes_a_results_json_with_config_and_rounds_and_plots(tmp_path, capsys, tiny, small_npz):
     out = tmp_path / "run"
-    main(["run", "--out", str(out), "--rounds", "2", "--deadline", "none", "--no-cold-start", *tiny])
+    main(["run", "--out", str(out), "--rounds", "2", "--federation.deadline", "none",
+          "--no-fitness.cold_start", *tiny])
     result = json.loads((out / "result.json").read_text())
     config = result["config"]
-    assert config["rounds"] == 2 and config["deadline"] == "none" and config["channels"] == [4]
-    assert config["cold_start"] is False and config["data"] == small_npz
+    assert config["federation"]["rounds"] == 2 and config["federation"]["deadline"] == "none"
+    assert config["model"]["channels"] == [4]
+    assert config["fitness"]["cold_start"] is False and config["data"]["source"] == small_npz
     assert result["dataset"] == {"name": "digits400", "train": 320, "test": 80, "classes": 10,
                                  "input_shape": [1, 8, 8]}
     assert len(result["rounds"]) == 2
@@ -77,19 +80,44 @@ def test_run_writes_a_results_json_with_config_and_rounds_and_plots(tmp_path, ca
 
 def test_toml_config_with_flags_on_top(tmp_path, tiny):
     toml = tmp_path / "exp.toml"
-    toml.write_text('rounds = 1\nlr = 0.02\nchannels = [4]\ndeadline = "none"\nstrategy = "greedy"\n')
+    toml.write_text('[federation]\nrounds = 1\ndeadline = "none"\n[train]\nlr = 0.02\n'
+                    '[model]\nchannels = [4]\n'
+                    '[alignment]\nstrategy = "greedy"\n')
     main(["run", "--config", str(toml), "--rounds", "2", "--out", str(tmp_path / "o"), *tiny])
     config = json.loads((tmp_path / "o" / "result.json").read_text())["config"]
-    assert config["rounds"] == 2 and config["lr"] == 0.02 and config["strategy"] == "greedy"
-    assert config["deadline"] == "none"
+    assert config["federation"]["rounds"] == 2 and config["train"]["lr"] == 0.02
+    assert config["alignment"]["strategy"] == "greedy" and config["federation"]["deadline"] == "none"
+
+
+def test_a_fair_toml_runs_and_its_results_show_strategy_and_fairness(tmp_path, tiny):
+    toml = tmp_path / "fair.toml"
+    toml.write_text('[alignment]\nstrategy = "fair"\n\n[alignment.desirability]\nfairness = 0.5\n')
+    main(["run", "--config", str(toml), "--rounds", "1", "--out", str(tmp_path / "o"), *tiny])
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["config"]["alignment"]["strategy"] == "fair"
+    assert result["config"]["alignment"]["desirability"]["fairness"] == 0.5
+    assert len(result["rounds"]) == 1
+
+
+def test_every_option_has_a_dotted_flag_and_the_everyday_ones_a_short_one(tmp_path):
+    out = tmp_path / "o"
+    main(["run", "--out", str(out), "--rounds", "1", "--alignment.desirability.fairness", "0.25",
+          "--alignment.strategy", "fair", "--federation.num_clients", "4",
+          "--federation.clients_per_round", "0",
+          "--drift.threshold", "1", "--drift.rescore", "--alignment.window", "3", *MODEL])
+    config = json.loads((out / "result.json").read_text())["config"]
+    assert config["alignment"]["desirability"]["fairness"] == 0.25 and config["alignment"]["window"] == 3
+    assert config["drift"]["rescore"] is True and config["alignment"]["strategy"] == "fair"
 
 
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
         (["run", "--rounds", "abc"], "--rounds"),
-        (["run", "--clients-per-round", "30"], "clients_per_round"),
-        (["run", "--dirichlet-alpha", "-1"], "dirichlet_alpha"),
+        (["run", "--federation.rounds", "abc"], "federation.rounds must be an int"),
+        (["run", "--drift.rescore"], "rescore needs the drift detector"),
+        (["run", "--federation.clients_per_round", "30"], "clients_per_round"),
+        (["run", "--data.dirichlet_alpha", "-1"], "dirichlet_alpha"),
         (["run", "--data", "/nonexistent.npz"], "--data"),
         (["compare", "--strategies", "random,nope"], "strategy"),
         (["compare", "--strategies", "random,random"], "--strategies"),
@@ -107,16 +135,21 @@ def test_bad_flags_exit_with_a_message_naming_the_option(tmp_path, capsys, argv,
 
 def test_unknown_toml_keys_are_named(tmp_path, capsys):
     toml = tmp_path / "bad.toml"
-    toml.write_text("rounds = 1\nbogus = 3\n")
+    toml.write_text("[federation]\nrounds = 1\nbogus = 3\n")
     with pytest.raises(SystemExit):
         main(["run", "--config", str(toml), "--out", str(tmp_path)])
-    assert "['bogus']" in capsys.readouterr().err
+    assert "['bogus'] in [federation]" in capsys.readouterr().err
+    toml.write_text("rounds = 1\n")
+    with pytest.raises(SystemExit):
+        main(["run", "--config", str(toml), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "unknown section ['rounds']" in err and "'federation'" in err
 
 
 def test_compare_writes_a_summary_per_strategy_on_shared_partitions(tmp_path, capsys, tiny):
     out = tmp_path / "cmp"
     argv = ["compare", "--strategies", "random,greedy", "--seeds", "2", "--rounds", "2", "--out", str(out),
-            "--target-accuracy", "0.0", "--workers", "2", *tiny]
+            "--evaluation.target_accuracy", "0.0", "--workers", "2", *tiny]
     main(argv)
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["random", "greedy"]
@@ -128,7 +161,7 @@ def test_compare_writes_a_summary_per_strategy_on_shared_partitions(tmp_path, ca
         assert entry["seeds"] == [0, 1]
     for seed in (0, 1):  # same seed: same partition and profiles for every strategy
         assert runs["random", seed]["clients"] == runs["greedy", seed]["clients"]
-        assert runs["random", seed]["config"]["strategy"] == "random"
+        assert runs["random", seed]["config"]["alignment"]["strategy"] == "random"
     assert runs["random", 0]["clients"]["samples"] != runs["random", 1]["clients"]["samples"]
     assert _is_png(out / "accuracy.png") and _is_png(out / "load_heatmap.png")
     table = capsys.readouterr().out
@@ -138,12 +171,14 @@ def test_compare_writes_a_summary_per_strategy_on_shared_partitions(tmp_path, ca
     main([*argv, "--resume", "--workers", "1"])  # finished runs with the same config are kept
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
     main(["compare", "--strategies", "random", "--seeds", "1", "--rounds", "2", "--out", str(out / "never"),
-          "--target-accuracy", "1.0", "--workers", "1", *tiny])
+          "--evaluation.target_accuracy", "1.0", "--workers", "1", *tiny])
     assert json.loads((out / "never" / "summary.json").read_text())["random"]["rounds_to_target"] == [None]
 
 
 def test_a_killed_run_resumes_to_the_same_result(tmp_path, tiny):
-    args = ["run", "--rounds", "4", "--dropout", "--deadline", "3", "--strategy", "optimal", *tiny]
+    args = ["run", "--rounds", "4", "--simulation.dropout", "--federation.deadline", "3", "--strategy",
+            "optimal",
+            *tiny]
     main([*args, "--out", str(tmp_path / "whole")])
     whole = json.loads((tmp_path / "whole" / "result.json").read_text())
 

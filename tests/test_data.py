@@ -77,7 +77,7 @@ def test_npz_object_arrays_are_not_unpickled(tmp_path):
 def test_load_dataset_names_what_it_accepts(tmp_path):
     with pytest.raises(ValueError, match="digits"):
         load_dataset(str(tmp_path / "missing.npz"))
-    with pytest.raises(TypeError, match="data"):
+    with pytest.raises(TypeError, match="source"):
         load_dataset(3)
 
 

@@ -1,15 +1,18 @@
-"""fedmoe.federated: client training, server round steps, fault filtering, simulation, checkpoints and
-resume (DESIGN.md §5)."""
+"""fedmoe.federated: the configuration tree, client nodes, server round steps, fault filtering,
+simulation, checkpoints and resume."""
 
 from __future__ import annotations
 
 import dataclasses
 import pickle
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from fedmoe.alignment import RoundState
+from fedmoe.data import Samples
 from fedmoe.federated import (
     ClientPayload,
     ClientReply,
@@ -27,9 +30,16 @@ from fedmoe.federated import (
 )
 from fedmoe.federated import checkpoint as checkpoint_module
 
-CFG = FederatedConfig(num_clients=6, clients_per_round=4, rounds=3, num_experts=4, d_model=8, d_hidden=16,
-                      channels=(4,), max_experts=2, batch_size=32, dirichlet_alpha=1.0, dropout=False,
-                      deadline=None)
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CFG = FederatedConfig.from_dict({
+    "federation": {"num_clients": 6, "clients_per_round": 4, "rounds": 3, "deadline": "none"},
+    "model": {"num_experts": 4, "d_model": 8, "d_hidden": 16, "channels": [4]},
+    "alignment": {"max_experts": 2}, "train": {"batch_size": 32}, "data": {"dirichlet_alpha": 1.0},
+    "simulation": {"dropout": False}})
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,35 +56,55 @@ def _model_state(run: FederatedRun) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     ("changes", "error", "match"),
     [
-        ({"num_clients": 0}, ValueError, "num_clients"),
-        ({"clients_per_round": 30}, ValueError, "clients_per_round"),
-        ({"top_k": 5}, ValueError, "top_k"),
-        ({"strategy": "best"}, ValueError, "strategy"),
-        ({"partition": "zipf"}, ValueError, "partition"),
-        ({"capacity": "huge"}, ValueError, "capacity"),
-        ({"deadline": -1.0}, ValueError, "deadline"),
-        ({"deadline": None, "strategy": "deadline-aware"}, ValueError, "deadline"),
-        ({"lr": 0.0}, ValueError, "lr"),
-        ({"channels": ()}, ValueError, "channels"),
-        ({"rounds": 2.5}, TypeError, "rounds"),
-        ({"cold_start": 1}, TypeError, "cold_start"),
-        ({"load_decay": 0.0}, ValueError, "decay"),
-        ({"fitness_ema": 1.0}, ValueError, "ema"),
+        ({"federation.num_clients": 0}, ValueError, "federation: num_clients"),
+        ({"federation.clients_per_round": 30}, ValueError, "clients_per_round"),
+        ({"model.top_k": 5}, ValueError, "model: top_k"),
+        ({"alignment.strategy": "best"}, ValueError, "alignment: strategy"),
+        ({"data.partition": "zipf"}, ValueError, "data: partition"),
+        ({"simulation.tiers": "huge"}, ValueError, "simulation: tiers"),
+        ({"federation.deadline": -1.0}, ValueError, "deadline"),
+        ({"federation.deadline": None, "alignment.strategy": "deadline-aware"}, ValueError, "deadline"),
+        ({"train.lr": 0.0}, ValueError, "train: lr"),
+        ({"model.channels": ()}, ValueError, "channels"),
+        ({"federation.rounds": 2.5}, TypeError, "rounds"),
+        ({"fitness.cold_start": 1}, TypeError, "cold_start"),
+        ({"load.decay": 0.0}, ValueError, "decay"),
+        ({"fitness.ema": 1.0}, ValueError, "ema"),
+        ({"drift.rescore": True}, ValueError, "drift: rescore needs"),
+        ({"alignment.desirability.alpha": -1.0}, ValueError, "alignment.desirability: alpha"),
     ],
 )
 def test_config_rejects_bad_options_by_name(changes, error, match):
     with pytest.raises(error, match=match):
-        CFG.replace(**changes)
+        CFG.replace(changes)
 
 
 def test_config_round_trips_through_plain_dicts_and_names_unknown_keys():
-    for config in (CFG, CFG.replace(deadline=3.5, channels=(2, 3))):
+    for config in (CFG, CFG.replace({"federation.deadline": 3.5, "model.channels": (2, 3)})):
         assert FederatedConfig.from_dict(config.to_dict()) == config
-    assert CFG.to_dict()["deadline"] == "none"
-    with pytest.raises(ValueError, match="num_client'"):
-        FederatedConfig.from_dict({"num_client": 3})
+    assert CFG.to_dict()["federation"]["deadline"] == "none"
+    with pytest.raises(ValueError, match=r"unknown option \['num_client'\] in \[federation\].*num_clients"):
+        FederatedConfig.from_dict({"federation": {"num_client": 3}})
+    with pytest.raises(ValueError, match=r"unknown section \['federaton'\].*'federation'"):
+        FederatedConfig.from_dict({"federaton": {"rounds": 3}})
     with pytest.raises(ValueError, match="deadline"):
-        FederatedConfig.from_dict({"deadline": "soon"})
+        FederatedConfig.from_dict({"federation": {"deadline": "soon"}})
+    with pytest.raises(ValueError, match=r"unknown option 'alignment.desirability.fairnes'.*'fairness'"):
+        CFG.replace({"alignment.desirability.fairnes": 0.5})
+
+
+def test_every_option_of_the_sections_is_in_the_tree_once():
+    """The tree re-declares nothing: each option is a field of its part's own config dataclass."""
+    options = FederatedConfig.options()
+    assert len(options) == len(set(options))
+    assert {"alignment.desirability.fairness", "alignment.desirability.deadline", "alignment.expert_slack",
+            "alignment.min_share", "alignment.window", "alignment.candidates", "fitness.prior",
+            "drift.warmup", "load.starved_after"} <= set(options)
+    assert CFG.get("alignment.desirability") is CFG.alignment.desirability
+    flat = CFG.flat()
+    assert FederatedConfig.from_flat({k.replace("_", "-"): v for k, v in flat.items()}) == CFG
+    assert FederatedConfig.from_flat({"model.channels": "8,16", "federation.deadline": "none",
+                                      "drift.threshold": "1", "drift.rescore": "true"}).drift.rescore
 
 
 # ---------------------------------------------------------------------------------------------- client
@@ -86,42 +116,47 @@ def _payload(run: FederatedRun, client: int, experts: list[int], round_: int = 0
                          run.server.model.expert_bank.detach()[torch.from_numpy(ids)].clone(), seed)
 
 
+def _train(run: FederatedRun, payload: ClientPayload, data, config: TrainConfig):
+    return train_client(run.nodes[0].model, run.task, payload, data, config)
+
+
 def test_train_client_is_pure_and_trains_only_the_assigned_experts(digits):
     run = FederatedRun(CFG, digits)
-    x, y = run.simulation.x[0], run.simulation.y[0]
+    data = run.simulation.data(0, 0)
     payload = _payload(run, 0, [1, 3])
     sent = (payload.shared.clone(), payload.expert_rows.clone())
     config = TrainConfig(epochs=2, batch_size=16)
-    first = train_client(run.workspace, payload, x, y, config)
+    first = _train(run, payload, data, config)
     assert torch.equal(payload.shared, sent[0]) and torch.equal(payload.expert_rows, sent[1])  # not aliased
     with torch.no_grad():  # a dirty workspace: other values everywhere, NaN in the unassigned experts
-        for p in run.workspace.parameters():
+        for p in run.nodes[0].model.parameters():
             p.normal_()
-        run.workspace.expert_bank[[0, 2]] = float("nan")
-    second = train_client(run.workspace, payload, x, y, config)
+        run.nodes[0].model.expert_bank[[0, 2]] = float("nan")
+    second = _train(run, payload, data, config)
     assert torch.equal(first.shared, second.shared) and torch.equal(first.expert_rows, second.expert_rows)
     assert torch.isfinite(second.shared).all()
-    assert first.expert_rows.shape == (2, run.server.model.moe.expert_size)
+    assert first.expert_rows.shape == (2, run.server.model.expert_bank.shape[1])
     assert not torch.equal(first.shared, payload.shared)
     assert (first.expert_rows != payload.expert_rows).any(1).all()  # both assigned experts trained
     np.testing.assert_array_equal(first.experts, [1, 3])
     assert check_update(first, payload) is None
-    other = train_client(run.workspace, dataclasses.replace(payload, seed=8), x, y, config)
+    other = _train(run, dataclasses.replace(payload, seed=8), data, config)
     assert not torch.equal(other.shared, first.shared)  # the seed drives the shuffling
 
 
 def test_feedback_follows_the_masked_gate(digits):
     run = FederatedRun(CFG, digits)
-    x, y = run.simulation.x[1], run.simulation.y[1]
-    single = train_client(run.workspace, _payload(run, 1, [2]), x, y, TrainConfig())
+    data = run.simulation.data(1, 0)
+    x, y = data.inputs, data.targets
+    single = _train(run, _payload(run, 1, [2]), data, TrainConfig())
     fb = single.feedback
     assert fb.samples.tolist() == [len(y)] and fb.share.tolist() == [1.0]  # the only allowed expert
     with torch.no_grad():  # measured as the client trained: gate masked to its experts
-        run.workspace.moe.set_expert_mask(torch.tensor([False, False, True, False]))
-        logits, _ = run.workspace(x)
-        run.workspace.moe.set_expert_mask(None)
+        run.nodes[0].model.set_expert_mask(torch.tensor([False, False, True, False]))
+        logits, _ = run.nodes[0].model(x)
+        run.nodes[0].model.set_expert_mask(None)
     assert fb.accuracy[0] == pytest.approx(float((logits.argmax(1) == y).double().mean()))
-    pair = train_client(run.workspace, _payload(run, 1, [0, 3]), x, y, TrainConfig()).feedback
+    pair = _train(run, _payload(run, 1, [0, 3]), data, TrainConfig()).feedback
     # top-2 of 2 allowed experts: every sample is routed to both, each gets half of the choices
     assert pair.samples.tolist() == [len(y)] * 2 and pair.share.tolist() == [0.5, 0.5]
     np.testing.assert_allclose(pair.fitness(), pair.share * pair.accuracy)
@@ -129,27 +164,28 @@ def test_feedback_follows_the_masked_gate(digits):
 
 def test_feedback_before_is_measured_with_the_received_weights_on_the_current_labels(digits):
     run = FederatedRun(CFG, digits)
-    x, y = run.simulation.x[1], run.simulation.y[1]
+    data = run.simulation.data(1, 0)
+    x, y = data.inputs, data.targets
     payload = _payload(run, 1, [0, 3])
-    trained = train_client(run.workspace, payload, x, y, TrainConfig())
+    trained = _train(run, payload, data, TrainConfig())
     # before training: independent of the local training (seed, learning rate), unlike the feedback after
-    other = train_client(run.workspace, dataclasses.replace(payload, seed=9), x, y, TrainConfig(lr=0.3))
+    other = _train(run, dataclasses.replace(payload, seed=9), data, TrainConfig(lr=0.3))
     for field in ("share", "loss", "accuracy", "samples"):
         np.testing.assert_array_equal(getattr(other.feedback_before, field),
                                       getattr(trained.feedback_before, field))
     assert not np.array_equal(other.feedback.loss, trained.feedback.loss)
     # a vanishing step leaves the weights as received: after == before
-    still = train_client(run.workspace, payload, x, y, TrainConfig(lr=1e-12, momentum=0.0))
+    still = _train(run, payload, data, TrainConfig(lr=1e-12, momentum=0.0))
     np.testing.assert_allclose(still.feedback.fitness(), still.feedback_before.fitness(), atol=1e-6)
     # it sees the labels: same inputs, other labels, same routing, other accuracy
-    moved = train_client(run.workspace, payload, x, (y + 1) % digits.num_classes, TrainConfig())
+    moved = _train(run, payload, Samples(x, (y + 1) % digits.num_classes), TrainConfig())
     np.testing.assert_array_equal(moved.feedback_before.share, trained.feedback_before.share)
     assert not np.allclose(moved.feedback_before.accuracy, trained.feedback_before.accuracy)
 
 
 def test_gate_affinity_is_the_mean_router_distribution(digits):
     run = FederatedRun(CFG, digits)
-    affinity = gate_affinity(run.workspace, shared_vector(run.server.model), run.simulation.x[2])
+    affinity = gate_affinity(run.nodes[0].model, shared_vector(run.server.model), run.simulation.data(2, 0))
     assert affinity.shape == (4,) and affinity.dtype == np.float32
     assert affinity.sum() == pytest.approx(1.0, abs=1e-5) and (affinity > 0).all()
 
@@ -158,14 +194,14 @@ def test_gate_affinity_is_the_mean_router_distribution(digits):
 
 
 def test_aggregate_leaves_faulty_replies_out_and_reports_them(digits):
-    config = CFG.replace(clients_per_round=0, deadline=5.0)
+    config = CFG.replace({"federation.clients_per_round": 0, "federation.deadline": 5.0})
     run = FederatedRun(config, digits)
     server = run.server
     plan = server.configure(np.arange(6))
     assert sorted(plan.payloads) == list(range(6))
     before = _model_state(run)
     old_fitness = server.fitness.to_dense().copy()
-    good = {c: run.train(plan.payloads[c], run.simulation.x[c], run.simulation.y[c]) for c in range(5)}
+    good = {c: run.train(plan.payloads[c], run.simulation.data(c, 0)) for c in range(5)}
     nan_rows = good[2].expert_rows.clone()
     nan_rows[0, 5] = float("nan")
     replies = {
@@ -205,7 +241,7 @@ def test_aggregate_leaves_faulty_replies_out_and_reports_them(digits):
     np.testing.assert_allclose(server.load.load, report.expert_samples)
 
     # fitness: EMA for the accepted pairs, decay towards the prior for all others
-    fc = config.fitness_config()
+    fc = config.fitness
     fitness = server.fitness.to_dense()
     decayed = server.fitness.prior[:, None] + fc.decay * (old_fitness - server.fitness.prior[:, None])
     trained = np.zeros_like(fitness, dtype=bool)
@@ -224,16 +260,17 @@ def test_aggregate_leaves_faulty_replies_out_and_reports_them(digits):
 
 @pytest.mark.parametrize("signal", ["after", "before"])
 def test_fitness_follows_the_configured_signal_and_the_detector_the_one_before_training(digits, signal):
-    run = FederatedRun(CFG.replace(clients_per_round=0, fitness_signal=signal, drift_threshold=1.0), digits)
+    run = FederatedRun(CFG.replace({"federation.clients_per_round": 0, "fitness.signal": signal,
+                                    "drift.threshold": 1.0}), digits)
     server = run.server
     plan = server.configure(np.arange(6))
-    updates = {c: run.train(p, run.simulation.x[c], run.simulation.y[c]) for c, p in plan.payloads.items()}
+    updates = {c: run.train(p, run.simulation.data(c, 0)) for c, p in plan.payloads.items()}
     old = server.fitness.to_dense().copy()
     seen = []
     observe = server.drift.observe
     server.drift.observe = lambda clients, surprise: seen.append(surprise) or observe(clients, surprise)
     report = server.aggregate(plan, {c: ClientReply(c, u, 1.0) for c, u in updates.items()})
-    lam = CFG.fitness_ema
+    lam = CFG.fitness.ema
     errors = {}
     for c, u in updates.items():
         values = (u.feedback_before if signal == "before" else u.feedback).fitness()
@@ -249,15 +286,16 @@ def test_a_fired_client_is_rescored_from_the_affinity_it_sent_only_with_drift_re
     """With ``drift_rescore`` clients send the gate affinity (as :func:`gate_affinity` measures it with
     the received weights) and a fired client's row becomes that affinity before the round's update;
     without it no affinity travels and the fired row is shrunk to its prior."""
-    config = CFG.replace(clients_per_round=0, drift_threshold=1.0, drift_rescore=rescore, fitness_decay=1.0)
+    config = CFG.replace({"federation.clients_per_round": 0, "drift.threshold": 1.0, "drift.rescore": rescore,
+                          "fitness.decay": 1.0})
     run = FederatedRun(config, digits)
     server = run.server
     plan = server.configure(np.arange(6))
-    updates = {c: run.train(p, run.simulation.x[c], run.simulation.y[c]) for c, p in plan.payloads.items()}
+    updates = {c: run.train(p, run.simulation.data(c, 0)) for c, p in plan.payloads.items()}
     for c, u in updates.items():
         if rescore:
-            np.testing.assert_allclose(u.affinity, gate_affinity(run.workspace, plan.payloads[c].shared,
-                                                                 run.simulation.x[c]), rtol=1e-6)
+            np.testing.assert_allclose(u.affinity, gate_affinity(run.nodes[0].model, plan.payloads[c].shared,
+                                                                 run.simulation.data(c, 0)), rtol=1e-6)
         else:
             assert u.affinity is None
     fire = sorted(updates)[0]
@@ -265,8 +303,8 @@ def test_a_fired_client_is_rescored_from_the_affinity_it_sent_only_with_drift_re
     old = server.fitness.to_dense().copy()
     prior = server.fitness.prior.copy()
     report = server.aggregate(plan, {c: ClientReply(c, u, 1.0) for c, u in updates.items()})
-    lam, u = config.fitness_ema, updates[fire]
-    row = u.affinity.astype(np.float64) if rescore else np.full(config.num_experts, prior[fire])
+    lam, u = config.fitness.ema, updates[fire]
+    row = u.affinity.astype(np.float64) if rescore else np.full(config.model.num_experts, prior[fire])
     row[u.experts] = lam * row[u.experts] + (1 - lam) * u.feedback.fitness()
     np.testing.assert_allclose(server.fitness.to_dense()[fire], row, rtol=1e-5, atol=1e-7)
     assert report.drift_reset == [fire] and report.drift_rescored == ([fire] if rescore else [])
@@ -306,8 +344,8 @@ def _tripled_share(feedback):
 def test_check_update_names_what_is_wrong(digits, mutate, reason):
     run = FederatedRun(CFG, digits)
     payload = _payload(run, 0, [0, 2])
-    update = train_client(run.workspace, payload, run.simulation.x[0], run.simulation.y[0], TrainConfig())
-    assert reason in check_update(mutate(update), payload, CFG.num_experts)
+    update = _train(run, payload, run.simulation.data(0, 0), TrainConfig())
+    assert reason in check_update(mutate(update), payload, CFG.model.num_experts)
 
 
 def test_select_takes_a_seeded_subset_of_the_online_clients(digits):
@@ -326,13 +364,13 @@ def test_select_takes_a_seeded_subset_of_the_online_clients(digits):
 
 
 def test_the_loop_survives_crashing_corrupt_and_malformed_clients(digits):
-    run = FederatedRun(CFG.replace(clients_per_round=0, rounds=3), digits)
+    run = FederatedRun(CFG.replace({"federation.clients_per_round": 0, "federation.rounds": 3}), digits)
     honest = run.train
 
-    def faulty(payload, x, y):
+    def faulty(payload, data):
         if payload.client == 1:
             raise RuntimeError("out of memory")
-        update = honest(payload, x, y)
+        update = honest(payload, data)
         if payload.client == 2:
             return dataclasses.replace(update, shared=update.shared * float("nan"))
         if payload.client == 3:
@@ -352,8 +390,8 @@ def test_the_loop_survives_crashing_corrupt_and_malformed_clients(digits):
 
 
 def test_a_missed_deadline_or_corrupt_replies_leave_the_model_unchanged(digits):
-    for changes, kind in (({"deadline": 1e-6}, "late"), ({"corrupt": 1.0}, "invalid")):
-        run = FederatedRun(CFG.replace(**changes), digits)
+    for changes, kind in (({"federation.deadline": 1e-6}, "late"), ({"simulation.corrupt": 1.0}, "invalid")):
+        run = FederatedRun(CFG.replace(changes), digits)
         before = _model_state(run)
         record = run.step()
         assert record["accepted"] == [] and set(record[kind]) == set(record["assigned"])
@@ -367,10 +405,11 @@ def test_a_missed_deadline_or_corrupt_replies_leave_the_model_unchanged(digits):
 
 
 def test_dropouts_follow_each_tiers_reliability(digits):
-    run = FederatedRun(CFG.replace(num_clients=30, clients_per_round=0, dropout=True), digits)
+    run = FederatedRun(CFG.replace({"federation.num_clients": 30, "federation.clients_per_round": 0,
+                                    "simulation.dropout": True}), digits)
     sim = run.simulation
 
-    def instant(payload, x, y):
+    def instant(payload, data):
         return "update"
 
     payload = _payload(run, 0, [0])
@@ -384,7 +423,7 @@ def test_dropouts_follow_each_tiers_reliability(digits):
 
 
 def test_profiles_are_heterogeneous_and_times_grow_with_the_experts_held(digits):
-    run = FederatedRun(CFG.replace(num_clients=40, min_samples=4), digits)
+    run = FederatedRun(CFG.replace({"federation.num_clients": 40, "data.min_samples": 4}), digits)
     samples = np.array([p.size for p in run.parts], dtype=np.float64)
     hetero = make_profiles(samples, run.cost, "heterogeneous", seed=0)
     fit = hetero.experts_fit()
@@ -397,7 +436,7 @@ def test_profiles_are_heterogeneous_and_times_grow_with_the_experts_held(digits)
     times = [sim.true_seconds(3, 5, k) for k in (1, 2, 3)]
     assert times[0] < times[1] < times[2] and sim.true_seconds(3, 5, 2) == times[1]
     assert sim.true_seconds(4, 5, 2) != times[1]  # per-round jitter
-    with pytest.raises(ValueError, match="capacity"):
+    with pytest.raises(ValueError, match="tiers"):
         make_profiles(samples, run.cost, "huge", seed=0)
 
 
@@ -409,7 +448,8 @@ def _without_wall_time(result: dict) -> dict:
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_result(digits, tmp_path, monkeypatch):
-    config = CFG.replace(rounds=4, deadline=2.0, dropout=True, strategy="optimal")
+    config = CFG.replace({"federation.rounds": 4, "federation.deadline": 2.0, "simulation.dropout": True,
+                          "alignment.strategy": "optimal"})
     whole = run_experiment(config, checkpoint=tmp_path / "whole.pt", dataset=digits)
     assert len(whole["rounds"]) == 4 and whole["final_accuracy"] == whole["rounds"][-1]["accuracy"]
     again = run_experiment(config, dataset=digits)
@@ -417,10 +457,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(digits, tmp_path, monk
 
     honest = FederatedRun.train
 
-    def killed_in_round_2(self, payload, x, y):
+    def killed_in_round_2(self, payload, data):
         if payload.round == 2:
             raise KeyboardInterrupt  # not a client fault: it stops the run like a kill
-        return honest(self, payload, x, y)
+        return honest(self, payload, data)
 
     monkeypatch.setattr(FederatedRun, "train", killed_in_round_2)
     with pytest.raises(KeyboardInterrupt):
@@ -433,11 +473,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(digits, tmp_path, monk
     for key, tensor in a["server"]["model"].items():
         assert torch.equal(tensor, b["server"]["model"][key])
 
-    longer = run_experiment(config.replace(rounds=5), checkpoint=tmp_path / "killed.pt", resume=True,
-                            dataset=digits)
+    longer = run_experiment(config.replace({"federation.rounds": 5}), checkpoint=tmp_path / "killed.pt",
+                            resume=True, dataset=digits)
     assert longer["rounds"][:4] == whole["rounds"] and len(longer["rounds"]) == 5
-    with pytest.raises(ValueError, match=r"\['lr'\]"):
-        run_experiment(config.replace(lr=0.3), checkpoint=tmp_path / "killed.pt", resume=True, dataset=digits)
+    with pytest.raises(ValueError, match=r"\['train.lr'\]"):
+        run_experiment(config.replace({"train.lr": 0.3}), checkpoint=tmp_path / "killed.pt", resume=True,
+                       dataset=digits)
 
 
 def test_checkpoints_are_atomic_and_load_only_plain_data(tmp_path, monkeypatch):
@@ -467,3 +508,46 @@ def test_checkpoints_are_atomic_and_load_only_plain_data(tmp_path, monkeypatch):
     torch.save({"x": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+FAIR_TOML = """
+[federation]
+num_clients = 8
+clients_per_round = 0
+deadline = "none"
+
+[model]
+num_experts = 4
+d_model = 8
+d_hidden = 16
+channels = [4]
+
+[alignment]
+strategy = "fair"
+max_experts = 2
+expert_slack = 1.0
+
+[alignment.desirability]
+fairness = {fairness}
+"""
+
+
+def test_a_fairness_weight_set_in_toml_reaches_the_strategy_and_changes_assignments(digits, tmp_path):
+    """Six clients may only train expert 0, which holds four: who gets it is the desirability's call. With
+    fairness 0 the same four win every round; with 0.5 (set in TOML) the two left out catch up."""
+    assigned = {}
+    for fairness in (0.0, 0.5):
+        path = tmp_path / f"fair{fairness}.toml"
+        path.write_text(FAIR_TOML.format(fairness=fairness))
+        config = FederatedConfig.from_dict(tomllib.loads(path.read_text()))
+        server = FederatedRun(config, digits).server
+        assert server.strategy.config.desirability.fairness == fairness
+        assert server.strategy.name == "fair" and server.strategy.config.expert_slack == 1.0
+        only_expert_0 = (np.repeat(np.arange(6), 3), np.tile([1, 2, 3], 6))
+        assigned[fairness] = [server.strategy.assign(RoundState(r, np.arange(8), server.fitness, server.load,
+                                                                server.profiles, forbidden=only_expert_0))
+                              .to_dict() for r in range(4)]
+    never = set(range(6)) - {c for a in assigned[0.0] for c in a if a[c] == [0]}
+    assert never  # some clients never get expert 0 ...
+    assert never <= {c for a in assigned[0.5] for c in a}  # ... until fairness weighs in
+    assert assigned[0.0] != assigned[0.5]

@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.config import flatten_dict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.federated import ClientReply, FederatedConfig, FederatedRun, load_checkpoint
 from fedmoe.flower import EXPERT_ROWS, FedMoEStrategy, client_app, federated_config
+from fedmoe.flower.client_app import node_of
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,22 +35,25 @@ else:  # pragma: no cover
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "examples" / "flower_app"
 BIN = Path(sys.executable).parent
-CONFIG = FederatedConfig(num_clients=4, clients_per_round=3, rounds=2, num_experts=8, max_experts=4,
-                         deadline=None, dropout=False, seed=1)
+CONFIG = FederatedConfig().replace({"federation.num_clients": 4, "federation.clients_per_round": 3,
+                                    "federation.rounds": 2, "model.num_experts": 8,
+                                    "alignment.max_experts": 4, "federation.deadline": None,
+                                    "simulation.dropout": False, "federation.seed": 1})
 
 
 def run_config(config: FederatedConfig) -> dict:
-    """The Flower run config of ``config`` (as the example's pyproject spells it)."""
-    d = config.to_dict()
-    d["channels"] = ",".join(map(str, d["channels"]))
-    return {k.replace("_", "-"): v for k, v in d.items()}
+    """The Flower run config of ``config``: one flat key per option path, ``-`` for ``_`` (as the example's
+    pyproject spells it), tuples comma-separated."""
+    return {k.replace("_", "-"): ",".join(map(str, v)) if isinstance(v, list) else v
+            for k, v in config.flat().items()}
 
 
 def own_loop(config: FederatedConfig) -> FederatedRun:
-    """fedmoe's own loop after ``config.rounds`` rounds (no simulated faults: Flower nodes are real)."""
-    run = FederatedRun(config.replace(dropout=False, availability=1.0, corrupt=0.0))
+    """fedmoe's own loop after ``federation.rounds`` rounds (no simulated faults: Flower nodes are real)."""
+    run = FederatedRun(config.replace({"simulation.dropout": False, "simulation.availability": 1.0,
+                                       "simulation.corrupt": 0.0}))
     run.cold_start()
-    for _ in range(config.rounds):
+    for _ in range(config.federation.rounds):
         run.step()
     return run
 
@@ -126,7 +131,7 @@ def nodes(n: int = 4, first: int = 100) -> dict[int, dict]:
 
 def strategy_for(config: FederatedConfig = CONFIG, **kwargs) -> FedMoEStrategy:
     run = FederatedRun(config)
-    return FedMoEStrategy(config, copy.deepcopy(run.server.model), cost=run.cost, **kwargs)
+    return FedMoEStrategy(config, copy.deepcopy(run.server.model), run.dataset.spec, cost=run.cost, **kwargs)
 
 
 # ---------------------------------------------------------------------- units
@@ -135,32 +140,43 @@ def strategy_for(config: FederatedConfig = CONFIG, **kwargs) -> FedMoEStrategy:
 def test_federated_config_from_run_config():
     rc = run_config(CONFIG)
     assert federated_config({**rc, "out": "/tmp/x"}) == CONFIG
-    assert federated_config({"channels": "8,16,4", "deadline": "none"}).channels == (8, 16, 4)
-    assert federated_config({"num_clients": 12}).num_clients == 12  # underscores too
+    assert federated_config({"model.channels": "8,16,4", "federation.deadline": "none"}).model.channels == \
+        (8, 16, 4)
+    assert federated_config({"federation.num_clients": 12}).federation.num_clients == 12  # underscores too
+    fair = federated_config({"alignment.strategy": "fair", "alignment.desirability.fairness": 0.5})
+    assert fair.alignment.strategy == "fair" and fair.alignment.desirability.fairness == 0.5
     with pytest.raises(ValueError, match="num_experts_typo"):
-        federated_config({"num-experts-typo": 3})
+        federated_config({"model.num-experts-typo": 3})
+    with pytest.raises(ValueError, match="unknown option or section 'rounds'"):
+        federated_config({"rounds": 3})
     with pytest.raises(ValueError, match="channels"):
-        federated_config({"channels": "16,x"})
+        federated_config({"model.channels": "16,x"})
     with pytest.raises(TypeError, match="run_config"):
         federated_config([("rounds", 2)])
+    # the example app's pyproject: nested tables, flattened by Flower to option paths
+    declared = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    federated_config(flatten_dict(declared))
 
 
 def test_strategy_rejects_bad_arguments():
     run = FederatedRun(CONFIG)
     model = run.server.model
+    spec = run.dataset.spec
     with pytest.raises(TypeError, match="config"):
-        FedMoEStrategy(CONFIG.to_dict(), model)
+        FedMoEStrategy(CONFIG.to_dict(), model, spec)
     with pytest.raises(TypeError, match="model"):
-        FedMoEStrategy(CONFIG, object())
+        FedMoEStrategy(CONFIG, object(), spec)
+    with pytest.raises(TypeError, match="spec"):
+        FedMoEStrategy(CONFIG, model, (1, 8, 8))
     with pytest.raises(TypeError, match="cost"):
-        FedMoEStrategy(CONFIG, model, cost=1.0)
+        FedMoEStrategy(CONFIG, model, spec, cost=1.0)
     for bad, error in ((0, ValueError), (5, ValueError), (True, TypeError), ("2", TypeError)):
         with pytest.raises(error, match="min_nodes"):
-            FedMoEStrategy(CONFIG, model, min_nodes=bad)
+            FedMoEStrategy(CONFIG, model, spec, min_nodes=bad)
     with pytest.raises(ValueError, match="setup_timeout"):
-        FedMoEStrategy(CONFIG, model, setup_timeout=0)
+        FedMoEStrategy(CONFIG, model, spec, setup_timeout=0)
     with pytest.raises(RuntimeError, match="configure_train"):
-        FedMoEStrategy(CONFIG, model).aggregate_train(1, [])
+        FedMoEStrategy(CONFIG, model, spec).aggregate_train(1, [])
 
 
 def test_configure_registers_nodes_and_sends_only_assigned_experts():
@@ -176,7 +192,7 @@ def test_configure_registers_nodes_and_sends_only_assigned_experts():
     reference.cold_start()
     np.testing.assert_allclose(strategy.server.fitness.to_dense(), reference.server.fitness.to_dense())
     # the plan is fedmoe's own for the same state; each node gets the shared arrays and its experts only
-    plan = reference.server.configure(np.arange(CONFIG.num_clients))
+    plan = reference.server.configure(np.arange(CONFIG.federation.num_clients))
     assert {m.metadata.dst_node_id for m in messages} == {n for n, c in strategy.nodes.items()
                                                           if c in plan.payloads}
     shared_names = {name for name, _ in strategy.server.model.named_shared_parameters()}
@@ -190,7 +206,7 @@ def test_configure_registers_nodes_and_sends_only_assigned_experts():
             client].seed
         assert set(arrays) == shared_names | {EXPERT_ROWS}
         np.testing.assert_array_equal(arrays[EXPERT_ROWS].numpy(), bank[config["experts"]])
-        assert 1 <= len(config["experts"]) <= CONFIG.max_experts
+        assert 1 <= len(config["experts"]) <= CONFIG.alignment.max_experts
 
 
 def test_rounds_on_local_grid_equal_own_loop():
@@ -211,13 +227,14 @@ def test_rounds_on_local_grid_equal_own_loop():
 
 @pytest.mark.parametrize("rescore", [False, True])
 def test_the_gate_affinity_travels_with_a_train_reply_only_under_drift_rescore(rescore):
-    config = CONFIG.replace(clients_per_round=0, drift_threshold=1.0, drift_rescore=rescore)
+    config = CONFIG.replace({"federation.clients_per_round": 0, "drift.threshold": 1.0,
+                             "drift.rescore": rescore})
     grid = LocalGrid(nodes(), config)
     strategy = strategy_for(config)
     messages = list(strategy.configure_train(1, strategy.arrays(), ConfigRecord(), grid))
     replies = grid.send_and_receive(messages)
     run = FederatedRun(config)
-    plan = copy.deepcopy(strategy.server).configure(np.arange(config.num_clients))
+    plan = copy.deepcopy(strategy.server).configure(np.arange(config.federation.num_clients))
     for reply in replies:
         client = strategy.nodes[reply.metadata.src_node_id]
         metrics = reply.content.metric_records["metrics"]
@@ -225,15 +242,15 @@ def test_the_gate_affinity_travels_with_a_train_reply_only_under_drift_rescore(r
         if not rescore:
             assert "affinity" not in metrics and parsed.affinity is None
             continue
-        own = run.train(plan.payloads[client], run.simulation.x[client], run.simulation.y[client]).affinity
+        own = run.train(plan.payloads[client], run.simulation.data(client, 0)).affinity
         np.testing.assert_allclose(metrics["affinity"], own, rtol=1e-6)  # what fedmoe's own client sends
         np.testing.assert_allclose(parsed.affinity, own, rtol=1e-6)
     strategy.aggregate_train(1, replies)
-    assert strategy.history[-1]["accepted"] == list(range(config.num_clients))
+    assert strategy.history[-1]["accepted"] == list(range(config.federation.num_clients))
 
 
 def test_aggregate_filters_faults_and_updates_fitness_and_load_from_metrics():
-    config = CONFIG.replace(clients_per_round=0)
+    config = CONFIG.replace({"federation.clients_per_round": 0})
     grid = LocalGrid(nodes(), config)
     strategy = strategy_for(config)
     messages = list(strategy.configure_train(1, strategy.arrays(), ConfigRecord(), grid))
@@ -266,9 +283,9 @@ def test_aggregate_filters_faults_and_updates_fitness_and_load_from_metrics():
     trained = good.content.config_records["config"]["experts"]
     moved = (strategy.server.model.expert_bank.detach() != bank_before).any(1).nonzero().flatten().tolist()
     assert moved == trained
-    plan = reference.configure(np.arange(config.num_clients))
+    plan = reference.configure(np.arange(config.federation.num_clients))
     run = FederatedRun(config)
-    update = run.train(plan.payloads[3], run.simulation.x[3], run.simulation.y[3])
+    update = run.train(plan.payloads[3], run.simulation.data(3, 0))
     reference.aggregate(plan, {3: ClientReply(3, update, 1.0)})
     samples = good.content.metric_records["metrics"]["samples"]
     for field in ("share", "loss", "accuracy", "samples"):  # both feedbacks travel in the MetricRecord
@@ -277,7 +294,7 @@ def test_aggregate_filters_faults_and_updates_fitness_and_load_from_metrics():
         np.testing.assert_allclose(sent[f"before-{field}"], getattr(update.feedback_before, field),
                                    rtol=1e-12)
     np.testing.assert_allclose(strategy.server.load.load,
-                               np.bincount(trained, weights=samples, minlength=CONFIG.num_experts))
+                               np.bincount(trained, weights=samples, minlength=CONFIG.model.num_experts))
     np.testing.assert_allclose(strategy.server.load.load, reference.load.load)
     np.testing.assert_allclose(strategy.server.fitness.to_dense(), reference.fitness.to_dense(), rtol=1e-6)
     np.testing.assert_array_equal(arrays["moe.expert_bank"].numpy(),
@@ -291,7 +308,7 @@ def test_aggregate_filters_faults_and_updates_fitness_and_load_from_metrics():
 
 
 def test_registration_uses_node_config_profiles_and_rejects_bad_nodes():
-    config = CONFIG.replace(clients_per_round=0)
+    config = CONFIG.replace({"federation.clients_per_round": 0})
     small = FederatedRun(config).cost
     memory = (small.base_bytes + 1.5 * small.expert_bytes) * 1.2  # one expert fits after the safety margin
     node_configs = {10: {"partition-id": 0, "memory-bytes": memory, "latency-s": 0.5},
@@ -428,7 +445,8 @@ def _wait_healthy(procs: Processes, superlink: subprocess.Popen, timeout: float 
 
 def _flwr_run(procs: Processes, config: FederatedConfig, out: Path, timeout: float, *extra: str) -> dict:
     """``flwr run`` the example app with ``config`` and return its result.json."""
-    declared = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    app_config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    declared = flatten_dict(app_config)
     options = {k: v for k, v in run_config(config).items() if k in declared}  # the rest: simulation knobs
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in {**options, "out": str(out)}.items())
     run = procs.start("flwr-run", "flwr", "run", str(APP), "--run-config", overrides, "--stream", *extra)
@@ -447,10 +465,10 @@ def _assert_equals_own_loop(config: FederatedConfig, result: dict, out: Path) ->
     assert [r["assigned"] for r in result["rounds"]] == [r["assigned"] for r in reference.history]
     assert [r["accepted"] for r in result["rounds"]] == [r["accepted"] for r in reference.history]
     state = load_checkpoint(out / "checkpoint.pt")
-    assert state["round"] == config.rounds
+    assert state["round"] == config.federation.rounds
     bank = state["model"]["moe.expert_bank"]
     want = reference.server.model.expert_bank.detach()
-    for e in range(config.num_experts):  # per expert
+    for e in range(config.model.num_experts):  # per expert
         torch.testing.assert_close(bank[e], want[e], rtol=1e-5, atol=1e-6, msg=f"expert {e}")
     for name, value in reference.server.model.state_dict().items():
         torch.testing.assert_close(state["model"][name], value, rtol=1e-5, atol=1e-6)
@@ -464,7 +482,7 @@ def test_simulation_engine_equals_own_loop(flower):
     superlink = flower.start("superlink", "flower-superlink", "--insecure", "--simulation", "--host",
                              "127.0.0.1", "--port", str(flower.port))
     _wait_healthy(flower, superlink)
-    config = CONFIG.replace(clients_per_round=0)
+    config = CONFIG.replace({"federation.clients_per_round": 0})
     out = flower.tmp / "out"
     result = _flwr_run(flower, config, out, 150, "--federation-config",
                        "num-supernodes=4 client-resources-num-cpus=1 init-args-num-cpus=2")
@@ -481,10 +499,58 @@ def test_deployment_superlink_and_two_supernodes(flower):
                      f"127.0.0.1:{flower.port}", "--port", str(_free_port()), "--max-wait-time", "60",
                      "--node-config", f"partition-id={c} num-partitions=2")
     _wait_healthy(flower, superlink)
-    config = CONFIG.replace(num_clients=2, clients_per_round=0)
+    config = CONFIG.replace({"federation.num_clients": 2, "federation.clients_per_round": 0})
     out = flower.tmp / "out"
     result = _flwr_run(flower, config, out, 100)  # 70-90 s on a busy 2-core machine: a process per message
     assert len(result["rounds"]) == 2 and sorted(result["nodes"].values()) == [0, 1]
     assert all(r["accepted"] == [0, 1] for r in result["rounds"])
     assert result["rounds"][-1]["accuracy"] > 0.3  # chance is 0.1
     _assert_equals_own_loop(config, result, out)
+
+
+# ---------------------------------------------------------------------- nodes that know only themselves
+
+
+def test_nodes_build_only_their_own_runtime(monkeypatch):
+    """A ClientApp builds one node (its partition, its profile, a model workspace): no whole-experiment
+    run, no server, no other client's data; its rounds still equal fedmoe's own loop."""
+    import fedmoe.federated.runner as runner
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a node built more than itself")
+
+    reference = own_loop(CONFIG)
+    strategy = strategy_for()
+    grid = LocalGrid(nodes())
+    for name in ("FederatedRun", "Server", "build_nodes", "Simulation"):
+        monkeypatch.setattr(runner, name, forbidden)
+    monkeypatch.setattr(sys.modules["fedmoe.flower.client_app"], "_NODES", {})
+    strategy.start(grid)
+    assert [r["assigned"] for r in strategy.history] == [r["assigned"] for r in reference.history]
+    node = node_of(grid.contexts[100], reference.dataset.spec)
+    assert node.client == 0 and len(node.data) == reference.parts[0].size
+    np.testing.assert_array_equal(node.data.targets.numpy(), reference.dataset.y_train[reference.parts[0]])
+
+
+def test_a_node_with_its_own_data_file(tmp_path):
+    """``data-path``: the node trains on its own .npz; unset profile values are the uniform tier's."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    files = {}
+    for c in range(CONFIG.federation.num_clients):
+        files[c] = tmp_path / f"node{c}.npz"
+        np.savez(files[c], x=d.images[c * 60:(c + 1) * 60], y=d.target[c * 60:(c + 1) * 60])
+    node_configs = {200 + c: {"partition-id": c, "data-path": str(f)} for c, f in files.items()}
+    node_configs[200]["latency-s"] = 0.25
+    grid = LocalGrid(node_configs)
+    strategy = strategy_for()
+    result = strategy.start(grid, num_rounds=1)
+    assert sorted(strategy.nodes.values()) == [0, 1, 2, 3]
+    assert strategy.history[0]["accepted"] == sorted(int(c) for c in strategy.history[0]["assigned"])
+    profiles = strategy.server.profiles
+    np.testing.assert_array_equal(profiles.samples, [48] * 4)  # 80% of 60 for training
+    assert profiles.latency[0] == 0.25 and len(set(profiles.compute.tolist())) == 1  # the tier median
+    assert np.isfinite(result.arrays.to_torch_state_dict()["moe.expert_bank"].numpy()).all()
+    node = node_of(grid.contexts[201], strategy.spec)
+    assert node.client == 1 and len(node.data) == 48

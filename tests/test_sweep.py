@@ -16,8 +16,11 @@ from fedmoe.federated import FederatedConfig
 from fedmoe.federated.sweep import METRICS, Axis, format_sweep, parse_axis, run_sweep
 from fedmoe.plots import plot_sweep
 
-TINY = FederatedConfig(num_clients=4, clients_per_round=3, rounds=2, num_experts=4, d_model=8, d_hidden=16,
-                       channels=(4,), max_experts=2, dirichlet_alpha=1.0, deadline=None, dropout=False)
+TINY = FederatedConfig().replace({"federation.num_clients": 4, "federation.clients_per_round": 3,
+                                  "federation.rounds": 2, "model.num_experts": 4, "model.d_model": 8,
+                                  "model.d_hidden": 16, "model.channels": (4,), "alignment.max_experts": 2,
+                                  "data.dirichlet_alpha": 1.0, "federation.deadline": None,
+                                  "simulation.dropout": False})
 
 
 @pytest.fixture(autouse=True)
@@ -29,19 +32,22 @@ def _restore_threads():
 
 
 def test_parse_axis_types_values_and_joins_options():
-    axis = parse_axis("fitness_ema=0.7,0.9,0.99")
-    assert axis == Axis(("fitness_ema",), ((0.7,), (0.9,), (0.99,)))
-    joint = parse_axis("fit_weight/load_weight=0.3/0.7, 0.7/0.3")
-    assert joint.label == "fit_weight/load_weight" and joint.values == ((0.3, 0.7), (0.7, 0.3))
+    axis = parse_axis("fitness.ema=0.7,0.9,0.99")
+    assert axis == Axis(("fitness.ema",), ((0.7,), (0.9,), (0.99,)))
+    joint = parse_axis("alignment.desirability.alpha/alignment.desirability.beta=0.3/0.7, 0.7/0.3")
+    assert joint.label == "alignment.desirability.alpha/alignment.desirability.beta"
+    assert joint.values == ((0.3, 0.7), (0.7, 0.3))
     assert joint.format(joint.values[0]) == "0.3/0.7"
-    assert parse_axis("cold_start=true,false").values == ((True,), (False,))
-    assert parse_axis("strategy=greedy,random").values == (("greedy",), ("random",))
+    assert parse_axis("fitness.cold_start=true,false").values == ((True,), (False,))
+    assert parse_axis("alignment.strategy=greedy,random").values == (("greedy",), ("random",))
 
 
 @pytest.mark.parametrize(("text", "match"), [
-    ("fitness_ema", "name=v1"), ("fitnes_ema=0.7", "fitnes_ema"), ("seed=1,2", "seed"),
-    ("rounds=2.5", "rounds"), ("fit_weight/load_weight=0.3", "2 part"), ("lr=0.1,0.1", "repeats"),
-    ("fit_weight/fit_weight=1/2", "twice"), ("cold_start=yes", "cold_start")])
+    ("fitness.ema", "name=v1"), ("fitness.emaa=0.7", "fitness.emaa"), ("federation.seed=1,2", "seed"),
+    ("federation.rounds=2.5", "rounds"), ("fitness.ema/load.decay=0.3", "2 part"),
+    ("train.lr=0.1,0.1", "repeats"),
+    ("fitness.ema/fitness.ema=1/2", "twice"), ("fitness.cold_start=yes", "cold_start"),
+    ("model.channels=4,8", "model.channels")])
 def test_parse_axis_names_what_is_wrong(text, match):
     with pytest.raises(ValueError, match=match):
         parse_axis(text)
@@ -51,36 +57,38 @@ def test_parse_axis_names_what_is_wrong(text, match):
 @given(st.lists(st.floats(0.0, 0.99, allow_nan=False).map(lambda v: round(v, 3)), min_size=1, max_size=6,
                 unique=True))
 def test_parse_axis_round_trips_any_float_values(values):
-    axis = parse_axis("fitness_ema=" + ",".join(repr(v) for v in values))
+    axis = parse_axis("fitness.ema=" + ",".join(repr(v) for v in values))
     assert [v for (v,) in axis.values] == values
 
 
 def test_run_sweep_checks_every_point_before_running(tmp_path):
-    with pytest.raises(ValueError, match=r"fitness_ema.*1\.0"):
-        run_sweep(TINY, [parse_axis("fitness_ema=0.5,1.0")], [0], tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"fitness.ema.*1\.0"):
+        run_sweep(TINY, [parse_axis("fitness.ema=0.5,1.0")], [0], tmp_path, progress=False)
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ValueError, match="twice"):
-        run_sweep(TINY, [parse_axis("lr=0.1"), parse_axis("lr/momentum=0.2/0.5")], [0], tmp_path,
-                  progress=False)
+        run_sweep(TINY, [parse_axis("train.lr=0.1"), parse_axis("train.lr/train.momentum=0.2/0.5")], [0],
+                  tmp_path, progress=False)
 
 
 def test_fedmoe_sweep_runs_a_grid_over_seeds_and_writes_table_and_heatmaps(small_npz, tmp_path, capsys):
     out = tmp_path / "sweep"
-    args = ["sweep", "--data", small_npz, "--num-clients", "4", "--clients-per-round", "2", "--rounds", "1",
-            "--num-experts", "4", "--d-model", "8", "--d-hidden", "16", "--channels", "4",
-            "--max-experts", "2", "--deadline", "none", "--grid", "fitness_ema=0.99", "--grid",
-            "fit_weight/load_weight=0.3/0.7,0.7/0.3", "--seeds", "2", "--workers", "1", "--quiet",
-            "--out", str(out)]
+    weights = "alignment.desirability.alpha/alignment.desirability.beta"
+    args = ["sweep", "--data", small_npz, "--federation.num_clients", "4",
+            "--federation.clients_per_round", "2",
+            "--rounds", "1", "--num-experts", "4", "--model.d_model", "8", "--model.d_hidden", "16",
+            "--model.channels", "4", "--alignment.max_experts", "2", "--federation.deadline", "none",
+            "--grid",
+            "fitness.ema=0.99", "--grid", f"{weights}=0.3/0.7,0.7/0.3", "--seeds", "2", "--workers", "1",
+            "--quiet", "--out", str(out)]
     main(args)
     summary = json.loads((out / "sweep.json").read_text())
-    assert [a["label"] for a in summary["axes"]] == ["fitness_ema", "fit_weight/load_weight"]
+    assert [a["label"] for a in summary["axes"]] == ["fitness.ema", weights]
     assert len(summary["points"]) == 2 and summary["seeds"] == [0, 1]
     for point in summary["points"]:
         for metric in METRICS:
             assert len(point[metric]["values"]) == 2
     assert [p["values"] for p in summary["points"]] == [
-        {"fitness_ema": "0.99", "fit_weight/load_weight": "0.3/0.7"},
-        {"fitness_ema": "0.99", "fit_weight/load_weight": "0.7/0.3"}]
+        {"fitness.ema": "0.99", weights: "0.3/0.7"}, {"fitness.ema": "0.99", weights: "0.7/0.3"}]
     assert len(list((out / "runs").glob("*.json"))) == 4
     printed = capsys.readouterr().out
     assert printed.count("0.3/0.7") == 1 and (out / "table.txt").read_text().strip() in printed
@@ -89,8 +97,8 @@ def test_fedmoe_sweep_runs_a_grid_over_seeds_and_writes_table_and_heatmaps(small
     main([*args, "--resume"])  # every run is kept: nothing reruns, same summary
     assert json.loads((out / "sweep.json").read_text()) == summary
     with pytest.raises(SystemExit):
-        main([*args[:-2], "--grid", "fitness_ema=2.0", "--out", str(tmp_path / "bad")])
-    assert "fitness_ema" in capsys.readouterr().err
+        main([*args[:-2], "--grid", "fitness.ema=2.0", "--out", str(tmp_path / "bad")])
+    assert "fitness.ema" in capsys.readouterr().err
 
 
 def _summary(shape: tuple[int, ...], seeds: int = 2) -> dict:
@@ -104,7 +112,8 @@ def _summary(shape: tuple[int, ...], seeds: int = 2) -> dict:
 
     points = [{"values": {}, **{m: {"values": values(m)} for m in METRICS}}
               for _ in range(int(np.prod(shape)))]
-    return {"base": {"rounds": 10}, "seeds": list(range(seeds)), "axes": axes, "points": points}
+    return {"base": {"federation": {"rounds": 10}}, "seeds": list(range(seeds)), "axes": axes,
+            "points": points}
 
 
 @pytest.mark.parametrize("shape", [(3,), (2, 3), (3, 2, 2)])

@@ -1,5 +1,5 @@
-"""Client-expert alignment (DESIGN.md §4): fitness, expert load, capacity profiles, desirability and the
-strategies that turn them into each round's assignment.
+"""Client-expert alignment (docs/design.md, Alignment engine): fitness, expert load, client profiles,
+desirability and the strategies that turn them into each round's assignment.
 
 Per round the federated loop calls ``strategy.assign(RoundState(...))``, then, with what came back,
 ``fitness.update(...)``, ``load.update(...)`` and ``profiles.observe(...)``; a :class:`DriftDetector` step
@@ -7,32 +7,41 @@ before the fitness update lets clients whose data changed forget their stale fit
 ``state_dict()`` / ``load_state_dict()`` with plain numpy arrays and scalars, for checkpoints.
 """
 
-from fedmoe.alignment.capacity import (
+from fedmoe.alignment.desirability import Desirability, DesirabilityConfig, minmax
+from fedmoe.alignment.drift import DriftConfig, DriftDetector
+from fedmoe.alignment.fitness import (
+    FITNESS_SIGNALS,
+    DenseFitness,
+    FitnessConfig,
+    FitnessTable,
+    LeanFitness,
+    fitness_table,
+)
+from fedmoe.alignment.load import ExpertLoad, LoadConfig, LoadStats, gini
+from fedmoe.alignment.profiles import (
     DEFAULT_TIERS,
-    CapacityProfile,
+    ClientProfile,
     ModelCost,
     ProfileConfig,
     Tier,
     generate_profiles,
 )
-from fedmoe.alignment.desirability import Desirability, DesirabilityConfig, minmax
-from fedmoe.alignment.drift import DriftConfig, DriftDetector
-from fedmoe.alignment.fitness import DenseFitness, FitnessConfig, FitnessTable, LeanFitness, fitness_table
-from fedmoe.alignment.load import ExpertLoad, LoadConfig, LoadStats, gini
 from fedmoe.alignment.strategies import (
     STRATEGIES,
+    AlignmentConfig,
     AlignmentResult,
     RoundState,
     Strategy,
-    StrategyConfig,
     make_strategy,
 )
 
 __all__ = [
     "DEFAULT_TIERS",
+    "FITNESS_SIGNALS",
     "STRATEGIES",
+    "AlignmentConfig",
     "AlignmentResult",
-    "CapacityProfile",
+    "ClientProfile",
     "DenseFitness",
     "Desirability",
     "DesirabilityConfig",
@@ -48,7 +57,6 @@ __all__ = [
     "ProfileConfig",
     "RoundState",
     "Strategy",
-    "StrategyConfig",
     "Tier",
     "fitness_table",
     "generate_profiles",

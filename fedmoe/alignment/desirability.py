@@ -1,4 +1,4 @@
-"""Desirability scores (DESIGN.md §4) of the available clients for every expert::
+"""Desirability scores (docs/design.md, Alignment engine) of the available clients for every expert::
 
     D[r, j] = alpha·norm(F)[r, j] - beta·norm(U)[j] + eta·deficit[r] - kappa·pressure[r]
 

@@ -35,20 +35,27 @@ __all__ = ["DriftConfig", "DriftDetector"]
 
 @dataclass(frozen=True)
 class DriftConfig:
-    """threshold >= 0: fire when surprise > level + threshold·spread (0 = detector off); shrink in [0, 1):
-    what is left of a fired row's deviation from its prior (0 = reset); warmup >= 2: reports needed
-    before a client can fire; ema in [0, 1): weight on history of the level and spread."""
+    """The ``[drift]`` section. threshold >= 0: fire when surprise > level + threshold·spread (0 = detector
+    off); shrink in [0, 1): what is left of a fired row's deviation from its prior (0 = reset); warmup >= 2:
+    reports needed before a client can fire; ema in [0, 1): weight on history of the level and spread;
+    rescore: clients send the gate affinity to every expert with each update, and a fired client's row is
+    replaced by it instead of shrunk (needs threshold > 0)."""
 
     threshold: float = 0.0
     shrink: float = 0.0
     warmup: int = 3
     ema: float = 0.7
+    rescore: bool = False
 
     def __post_init__(self):
         _checks.real("threshold", self.threshold, 0.0)
         _checks.real("shrink", self.shrink, 0.0, 1.0, hi_open=True)
         _checks.integer("warmup", self.warmup, 2)
         _checks.real("ema", self.ema, 0.0, 1.0, hi_open=True)
+        if not isinstance(self.rescore, bool):
+            raise TypeError(f"rescore must be a bool, got {self.rescore!r}")
+        if self.rescore and not self.threshold > 0:
+            raise ValueError("rescore needs the drift detector on (threshold > 0)")
 
     @property
     def enabled(self) -> bool:

@@ -1,4 +1,5 @@
-"""Client-expert fitness ``F[N, E]`` (DESIGN.md §4): how well each expert suits each client.
+"""Client-expert fitness ``F[N, E]`` (docs/design.md, Alignment engine): how well each expert suits each
+client.
 
 Update rule, applied once per :meth:`FitnessTable.update` call (one call per round):
 
@@ -30,23 +31,33 @@ import torch
 from fedmoe.alignment import _checks
 from fedmoe.alignment._select import top_per_row
 
-__all__ = ["DenseFitness", "FitnessConfig", "FitnessTable", "LeanFitness", "fitness_table"]
+__all__ = ["FITNESS_SIGNALS", "DenseFitness", "FitnessConfig", "FitnessTable", "LeanFitness", "fitness_table"]
+
+FITNESS_SIGNALS = ("after", "before")
 
 
 @dataclass(frozen=True)
 class FitnessConfig:
-    """ema (lambda) in [0, 1): weight on history; decay (rho) in [0, 1]: per-round pull of untrained pairs
-    towards the prior (1 = none); prior: initial value of every pair; lean_keep >= 0: cold-start experts
-    kept per client by :class:`LeanFitness`; prune_below >= 0: :class:`LeanFitness` forgets a pair once
-    it is this close to the prior."""
+    """The ``[fitness]`` section. ema (lambda) in [0, 1): weight on history; decay (rho) in [0, 1]:
+    per-round pull of untrained pairs towards the prior (1 = none); prior: initial value of every pair;
+    lean_keep >= 0: cold-start experts kept per client by :class:`LeanFitness`; prune_below >= 0:
+    :class:`LeanFitness` forgets a pair once it is this close to the prior. For the federated loop:
+    signal ("after" | "before"): the feedback the EMA follows, measured after local training or before it
+    with the received weights; cold_start: score every expert with the initial gate's affinity first."""
 
     ema: float = 0.7
     decay: float = 0.95
     prior: float = 0.0
     lean_keep: int = 16
     prune_below: float = 1e-4
+    signal: str = "after"
+    cold_start: bool = True
 
     def __post_init__(self):
+        if self.signal not in FITNESS_SIGNALS:
+            raise ValueError(f"signal must be one of {list(FITNESS_SIGNALS)}, got {self.signal!r}")
+        if not isinstance(self.cold_start, bool):
+            raise TypeError(f"cold_start must be a bool, got {self.cold_start!r}")
         _checks.real("ema (lambda)", self.ema, 0.0, 1.0, hi_open=True)
         _checks.real("decay (rho)", self.decay, 0.0, 1.0)
         _checks.real("prior", self.prior)

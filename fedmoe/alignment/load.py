@@ -1,4 +1,5 @@
-"""Expert load ``U[E]`` (DESIGN.md §4): decayed training contributions and participating clients per expert.
+"""Expert load ``U[E]`` (docs/design.md, Alignment engine): decayed training contributions and
+participating clients per expert.
 
 Each :meth:`ExpertLoad.update` (one per round) does ``U <- gamma·U + Σ contributions`` and
 ``clients <- gamma·clients + #pairs`` per expert, and stamps the experts that were trained.

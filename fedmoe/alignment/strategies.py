@@ -1,9 +1,10 @@
-"""Alignment strategies (DESIGN.md §4): which available clients train which experts this round.
+"""Alignment strategies (docs/design.md, Alignment engine): which available clients train which experts
+this round.
 
-One interface: ``make_strategy(config).assign(RoundState(...)) -> AlignmentResult`` (the chosen pairs and
-the scores behind them). Strategies by name:
+One interface: ``make_strategy(config, seed).assign(RoundState(...)) -> AlignmentResult`` (the chosen
+pairs and the scores behind them). Strategies by name:
 
-* ``random``: each client's experts uniformly at random (seeded by config seed and round).
+* ``random``: each client's experts uniformly at random (seeded by the strategy's seed and the round).
 * ``greedy``: each client's top-c experts by fitness.
 * ``load-balanced`` (the paper's): top-c by desirability ``alpha·norm(F) - beta·norm(U)``, the load being
   updated with each client's expected contribution (its sample count) as experts are handed out. Clients
@@ -37,24 +38,25 @@ import numpy as np
 import fedmoe_kernels
 from fedmoe.alignment import _checks
 from fedmoe.alignment._select import top_per_row
-from fedmoe.alignment.capacity import CapacityProfile
 from fedmoe.alignment.desirability import Desirability, DesirabilityConfig
 from fedmoe.alignment.fitness import FitnessTable
 from fedmoe.alignment.load import ExpertLoad
+from fedmoe.alignment.profiles import ClientProfile
 
-__all__ = ["STRATEGIES", "AlignmentResult", "RoundState", "Strategy", "StrategyConfig", "make_strategy"]
+__all__ = ["STRATEGIES", "AlignmentConfig", "AlignmentResult", "RoundState", "Strategy", "make_strategy"]
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
 
 @dataclass(frozen=True)
-class StrategyConfig:
-    """name: a key of :data:`STRATEGIES`; max_experts (c) >= 0: experts per client at most;
-    desirability: :class:`DesirabilityConfig` (or a dict of its fields); expert_slack >= 1 (optimal, fair,
-    deadline-aware); batch_size >= 0 (load-balanced, 0 = auto); min_share in [0, 1] and window >= 1 (fair);
-    candidates >= 1 (solver speed knob); seed >= 0."""
+class AlignmentConfig:
+    """The ``[alignment]`` section. strategy: a key of :data:`STRATEGIES`; max_experts (c) >= 0: experts
+    per client at most; desirability: :class:`DesirabilityConfig` (or a dict of its fields), the
+    ``[alignment.desirability]`` table; expert_slack >= 1 (optimal, fair, deadline-aware); batch_size >= 0
+    (load-balanced, 0 = auto); min_share in [0, 1] and window >= 1 (fair); candidates >= 1 (solver speed
+    knob)."""
 
-    name: str = "load-balanced"
+    strategy: str = "load-balanced"
     max_experts: int = 4
     desirability: DesirabilityConfig = field(default_factory=DesirabilityConfig)
     expert_slack: float = 1.1
@@ -62,11 +64,10 @@ class StrategyConfig:
     min_share: float = 0.5
     window: int = 10
     candidates: int = 8
-    seed: int = 0
 
     def __post_init__(self):
-        if self.name not in STRATEGIES:
-            raise ValueError(f"name must be one of {sorted(STRATEGIES)}, got {self.name!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}")
         if isinstance(self.desirability, dict):
             object.__setattr__(self, "desirability", DesirabilityConfig(**self.desirability))
         if not isinstance(self.desirability, DesirabilityConfig):
@@ -78,7 +79,6 @@ class StrategyConfig:
         _checks.real("min_share", self.min_share, 0.0, 1.0)
         _checks.integer("window", self.window, 1)
         _checks.integer("candidates", self.candidates, 1)
-        _checks.integer("seed", self.seed, 0)
 
 
 @dataclass
@@ -91,13 +91,13 @@ class RoundState:
     available: np.ndarray
     fitness: FitnessTable
     load: ExpertLoad
-    profiles: CapacityProfile
+    profiles: ClientProfile
     deadline: float | None = None
     forbidden: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self):
         _checks.integer("round", self.round, 0)
-        for name, cls in (("fitness", FitnessTable), ("load", ExpertLoad), ("profiles", CapacityProfile)):
+        for name, cls in (("fitness", FitnessTable), ("load", ExpertLoad), ("profiles", ClientProfile)):
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         n, e = self.fitness.num_clients, self.fitness.num_experts
@@ -126,16 +126,16 @@ class AlignmentResult:
     """``clients``/``experts``: int64 [K], the chosen pairs (global ids), sorted by client then expert;
     ``pair_scores``: float32 [K], each pair's score when chosen; ``scores``: float32 [n, E], the scores of
     every scored client (row ``r`` is client ``scored_clients[r]``), a view of the strategy's buffer that
-    its next :meth:`Strategy.assign` overwrites (copy it to keep it); ``client_capacity``: int64 [n], the
-    cap of each row; ``expert_capacity``: int64 [E] or None (uncapped)."""
+    its next :meth:`Strategy.assign` overwrites (copy it to keep it); ``experts_per_client``: int64 [n], the
+    cap of each row; ``clients_per_expert``: int64 [E] or None (uncapped)."""
 
     clients: np.ndarray
     experts: np.ndarray
     pair_scores: np.ndarray
     scored_clients: np.ndarray
     scores: np.ndarray
-    client_capacity: np.ndarray
-    expert_capacity: np.ndarray | None
+    experts_per_client: np.ndarray
+    clients_per_expert: np.ndarray | None
 
     def __len__(self) -> int:
         return int(self.clients.size)
@@ -152,17 +152,19 @@ class AlignmentResult:
 
 
 class Strategy(ABC):
-    """Base of all strategies. Subclasses set ``name`` and implement :meth:`_select`."""
+    """Base of all strategies. Subclasses set ``name`` and implement :meth:`_select`; ``seed`` (>= 0) keys
+    their random draws."""
 
     name: ClassVar[str]
 
-    def __init__(self, config: StrategyConfig | None = None):
-        config = StrategyConfig(name=self.name) if config is None else config
-        if not isinstance(config, StrategyConfig):
-            raise TypeError(f"config must be a StrategyConfig, got {type(config).__name__}")
-        if config.name != self.name:
-            raise ValueError(f"config.name is {config.name!r}, this strategy is {self.name!r}")
+    def __init__(self, config: AlignmentConfig | None = None, seed: int = 0):
+        config = AlignmentConfig(strategy=self.name) if config is None else config
+        if not isinstance(config, AlignmentConfig):
+            raise TypeError(f"config must be an AlignmentConfig, got {type(config).__name__}")
+        if config.strategy != self.name:
+            raise ValueError(f"config.strategy is {config.strategy!r}, this strategy is {self.name!r}")
         self.config = config
+        self.seed = _checks.integer("seed", seed, 0)
         self.desirability = Desirability(config.desirability)
         self._buffer = np.zeros((0, 0), dtype=np.float32)
 
@@ -170,19 +172,19 @@ class Strategy(ABC):
         """Choose this round's pairs for ``state.available``."""
         if not isinstance(state, RoundState):
             raise TypeError(f"state must be a RoundState, got {type(state).__name__}")
-        capacity = self.client_capacity(state)
+        budget = self.experts_per_client(state)
         scores = self._scores(state.available.size, state.fitness.num_experts)
-        scored, rows, experts, values, expert_capacity = self._select(state, scores, capacity)
+        scored, rows, experts, values, clients_per_expert = self._select(state, scores, budget)
         clients = scored[rows]
         key = clients * scores.shape[1] + experts
         if key.size > 1 and np.any(key[1:] < key[:-1]):
             order = np.argsort(key)
             clients, experts, values = clients[order], experts[order], values[order]
         if scored is not state.available:
-            capacity = capacity[np.searchsorted(state.available, scored)]
-        return AlignmentResult(clients, experts, values, scored, scores, capacity, expert_capacity)
+            budget = budget[np.searchsorted(state.available, scored)]
+        return AlignmentResult(clients, experts, values, scored, scores, budget, clients_per_expert)
 
-    def client_capacity(self, state: RoundState) -> np.ndarray:
+    def experts_per_client(self, state: RoundState) -> np.ndarray:
         """int64 [n]: most experts per available client: ``min(max_experts, experts that fit in memory)``."""
         fit = state.profiles.experts_fit(state.available)
         return np.minimum(fit, min(self.config.max_experts, state.fitness.num_experts))
@@ -198,7 +200,7 @@ class Strategy(ABC):
     @abstractmethod
     def _select(self, state: RoundState, scores: np.ndarray, capacity: np.ndarray):
         """Fill ``scores`` and choose pairs. Returns ``(scored_clients [n], rows [K] into scored_clients,
-        experts [K], values float32 [K], expert_capacity int64 [E] or None)``."""
+        experts [K], values float32 [K], clients_per_expert int64 [E] or None)``."""
 
     # ------------------------------------------------------------------ helpers for subclasses
 
@@ -211,7 +213,7 @@ class Strategy(ABC):
         return self._buffer[:n]
 
     def _rng(self, state: RoundState) -> np.random.Generator:
-        return np.random.default_rng([self.config.seed, state.round])
+        return np.random.default_rng([self.seed, state.round])
 
     @staticmethod
     def _forbid(state: RoundState, scores: np.ndarray, scored: np.ndarray) -> None:
@@ -282,8 +284,8 @@ class LoadBalancedStrategy(Strategy):
 class OptimalStrategy(Strategy):
     name = "optimal"
 
-    def __init__(self, config: StrategyConfig | None = None):
-        super().__init__(config)
+    def __init__(self, config: AlignmentConfig | None = None, seed: int = 0):
+        super().__init__(config, seed)
         # Last round's expert prices plus its load term: subtracting this round's load term gives the warm
         # start (a column shift of the scores shifts that column's price by the same amount; a shift of
         # all prices changes nothing, so they are moved to a minimum of 0 rather than clipped there).
@@ -299,17 +301,18 @@ class OptimalStrategy(Strategy):
                                deficit=self._deficit(state), pressure=pressure)
         self._forbid(state, scores, avail)
         e = scores.shape[1]
-        expert_capacity = np.full(e, math.ceil(self.config.expert_slack * int(capacity.sum()) / e), np.int64)
+        clients_per_expert = np.full(e, math.ceil(self.config.expert_slack * int(capacity.sum()) / e),
+                                     np.int64)
         column = self.desirability.load_term(state.load.load)
         warm = None
         if self._prices is not None and self._prices.shape == (e,) and e > 0:
             warm = self._prices - column
             warm -= warm.min()
-        solution = fedmoe_kernels.assign(scores, capacity, expert_capacity, warm_start=warm,
+        solution = fedmoe_kernels.assign(scores, capacity, clients_per_expert, warm_start=warm,
                                          candidates=self.config.candidates)
         self._prices = solution.certificate.expert_price + column
         values = scores[solution.clients, solution.experts]
-        return avail, solution.clients, solution.experts, values, expert_capacity
+        return avail, solution.clients, solution.experts, values, clients_per_expert
 
     def _deficit(self, state: RoundState) -> np.ndarray | None:
         return None
@@ -332,19 +335,19 @@ class OptimalStrategy(Strategy):
 class DeadlineAwareStrategy(OptimalStrategy):
     name = "deadline-aware"
 
-    def client_capacity(self, state):
+    def experts_per_client(self, state):
         if state.deadline is None:
             raise ValueError("state.deadline is required by the deadline-aware strategy")
         within = state.profiles.experts_within(state.deadline, state.available)
-        return np.minimum(super().client_capacity(state), within)
+        return np.minimum(super().experts_per_client(state), within)
 
 
 @_register
 class FairStrategy(OptimalStrategy):
     name = "fair"
 
-    def __init__(self, config: StrategyConfig | None = None):
-        super().__init__(config)
+    def __init__(self, config: AlignmentConfig | None = None, seed: int = 0):
+        super().__init__(config, seed)
         # [window, N] flags per round, in slot round % window
         self._was_available = np.zeros((self.config.window, 0), dtype=bool)
         self._participated = np.zeros((self.config.window, 0), dtype=bool)
@@ -378,8 +381,8 @@ class FairStrategy(OptimalStrategy):
         avail = state.available
         self._share = self._participated[:, avail].sum(0) / (self._was_available[:, avail].sum(0) + 1.0)
 
-    def client_capacity(self, state):
-        base = super().client_capacity(state)
+    def experts_per_client(self, state):
+        base = super().experts_per_client(state)
         if state.deadline is not None:
             base = np.minimum(base, state.profiles.experts_within(state.deadline, state.available))
         due = self._share < self.config.min_share
@@ -409,12 +412,13 @@ class FairStrategy(OptimalStrategy):
         self._was_available, self._participated, self._last_round = was, participated, last_round
 
 
-def make_strategy(config: StrategyConfig | dict | str) -> Strategy:
-    """A strategy from its config, a dict of config fields, or just its name."""
+def make_strategy(config: AlignmentConfig | dict | str, seed: int = 0) -> Strategy:
+    """A strategy from its config, a dict of config fields, or just its name; ``seed`` keys its random
+    draws."""
     if isinstance(config, str):
-        config = StrategyConfig(name=config)
+        config = AlignmentConfig(strategy=config)
     elif isinstance(config, dict):
-        config = StrategyConfig(**config)
-    elif not isinstance(config, StrategyConfig):
-        raise TypeError(f"config must be a StrategyConfig, dict or str, got {type(config).__name__}")
-    return STRATEGIES[config.name](config)
+        config = AlignmentConfig(**config)
+    elif not isinstance(config, AlignmentConfig):
+        raise TypeError(f"config must be an AlignmentConfig, dict or str, got {type(config).__name__}")
+    return STRATEGIES[config.strategy](config, seed)

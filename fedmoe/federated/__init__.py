@@ -1,35 +1,52 @@
-"""The federated loop (DESIGN.md §5): server round steps, pure client training, simulated heterogeneous
-clients, atomic checkpoints, and the runner that ties them together."""
+"""The federated loop (docs/design.md, The federated round): the configuration tree, client nodes, server
+round steps, simulated heterogeneous clients, atomic checkpoints, and the runner that ties them together."""
 
 from fedmoe.federated.checkpoint import load_checkpoint, save_checkpoint
-from fedmoe.federated.client import (
+from fedmoe.federated.compare import compare_configs, compare_strategies, format_table, run_configs, summarize
+from fedmoe.federated.config import EvaluationConfig, FederatedConfig, FederationConfig, Option
+from fedmoe.federated.node import (
     ClientPayload,
     ClientUpdate,
     ExpertFeedback,
+    Node,
+    NodeProfile,
     TrainConfig,
     gate_affinity,
     load_shared,
+    profiles_of,
     shared_vector,
     train_client,
 )
-from fedmoe.federated.compare import compare_configs, compare_strategies, format_table, run_configs, summarize
-from fedmoe.federated.config import FederatedConfig
-from fedmoe.federated.runner import FederatedRun, rounds_to_target, run_experiment
-from fedmoe.federated.server import RoundPlan, RoundReport, Server, check_update
-from fedmoe.federated.simulation import ClientReply, Simulation, make_profiles, model_cost
+from fedmoe.federated.runner import (
+    FederatedRun,
+    build_nodes,
+    partition_clients,
+    rounds_to_target,
+    run_experiment,
+)
+from fedmoe.federated.server import Faults, RoundPlan, RoundReport, Server, check_update
+from fedmoe.federated.simulation import ClientReply, Simulation, SimulationConfig, make_profiles, model_cost
 
 __all__ = [
     "ClientPayload",
     "ClientReply",
     "ClientUpdate",
+    "EvaluationConfig",
     "ExpertFeedback",
+    "Faults",
     "FederatedConfig",
     "FederatedRun",
+    "FederationConfig",
+    "Node",
+    "NodeProfile",
+    "Option",
     "RoundPlan",
     "RoundReport",
     "Server",
     "Simulation",
+    "SimulationConfig",
     "TrainConfig",
+    "build_nodes",
     "check_update",
     "compare_configs",
     "compare_strategies",
@@ -39,6 +56,8 @@ __all__ = [
     "load_shared",
     "make_profiles",
     "model_cost",
+    "partition_clients",
+    "profiles_of",
     "rounds_to_target",
     "run_configs",
     "run_experiment",

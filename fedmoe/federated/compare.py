@@ -37,7 +37,7 @@ def run_to_file(config: dict, path: str, checkpoint: str, resume: bool, threads:
     torch.set_num_threads(threads)
     cfg = FederatedConfig.from_dict(config)
     result = run_experiment(cfg, checkpoint=checkpoint, resume=resume, progress=progress,
-                            desc=f"{cfg.strategy} seed {cfg.seed}")
+                            desc=f"{cfg.alignment.strategy} seed {cfg.federation.seed}")
     write_json(path, result)
     return result
 
@@ -89,8 +89,8 @@ def compare_configs(variants: Mapping[str, FederatedConfig], seeds: Sequence[int
         raise ValueError("variants must not be empty")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {seeds}")
-    configs = {f"{name}-seed{seed}": config.replace(seed=seed) for name, config in variants.items()
-               for seed in seeds}
+    configs = {f"{name}-seed{seed}": config.replace({"federation.seed": seed})
+               for name, config in variants.items() for seed in seeds}
     done = run_configs(configs, Path(out) / "runs", workers=workers, threads=threads, resume=resume,
                        progress=progress)
     return {name: [done[f"{name}-seed{seed}"] for seed in seeds] for name in variants}
@@ -104,8 +104,8 @@ def compare_strategies(base: FederatedConfig, strategies: Sequence[str], seeds: 
     strategies = list(strategies)
     if not strategies or len(set(strategies)) != len(strategies):
         raise ValueError(f"strategies must be distinct names, got {strategies}")
-    return compare_configs({s: base.replace(strategy=s) for s in strategies}, seeds, out, workers=workers,
-                           threads=threads, resume=resume, progress=progress)
+    return compare_configs({s: base.replace({"alignment.strategy": s}) for s in strategies}, seeds, out,
+                           workers=workers, threads=threads, resume=resume, progress=progress)
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:
@@ -117,7 +117,7 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         final = [r["final_accuracy"] for r in runs]
         known = [a for a in final if a is not None]
         summary[name] = {
-            "seeds": [r["config"]["seed"] for r in runs],
+            "seeds": [r["config"]["federation"]["seed"] for r in runs],
             "final_accuracy": final,
             "rounds_to_target": [r["rounds_to_target"] for r in runs],
             "best_accuracy": [r["best_accuracy"] for r in runs],

@@ -1,12 +1,13 @@
-"""One simulated federated run: data, partition, model, server and clients built from a
+"""One simulated federated run: data, partition, model, server and client nodes built from a
 :class:`FederatedConfig`; rounds, per-round metrics, checkpoints and resume.
 
 Per round: online clients -> ``server.configure`` -> each payload played by the simulation
-(``FederatedRun.train`` on the client's data) -> ``server.aggregate`` -> evaluation on the held-out
-set. The record of a round is the server's :class:`RoundReport` plus ``accuracy``, ``loss``,
-``load_cv`` and ``load`` (the decayed expert load [E]), ``sim_time`` (cumulative simulated seconds) and
-``time_error`` (median over clients of ``|log(estimated / true round time)|``: how far the server's
-capacity profiles are off, after the round's observations) and, with ``eval_aligned``,
+(``FederatedRun.train``: the client's node on its data at that round) -> ``server.aggregate`` ->
+evaluation on the held-out set. The record of a round is the server's :class:`RoundReport` plus
+``accuracy``, ``loss``, ``load_cv`` and ``load`` (the decayed expert load [E]), ``sim_time`` (cumulative
+simulated seconds) and ``time_error`` (median over clients of ``|log(estimated / true round time)|``: how
+far the server's client profiles are off, after the round's observations) and, with
+``evaluation.aligned``,
 ``aligned_accuracy`` (:meth:`FederatedRun.aligned_accuracy`).
 """
 
@@ -21,23 +22,18 @@ import torch
 from tqdm.auto import tqdm
 
 from fedmoe.alignment import ModelCost
-from fedmoe.data import Dataset, load_dataset, partition
+from fedmoe.data import Dataset, Samples, load_dataset, partition
 from fedmoe.federated.checkpoint import load_checkpoint, save_checkpoint
-from fedmoe.federated.client import (
-    ClientPayload,
-    ClientUpdate,
-    gate_affinity,
-    shared_vector,
-    train_client,
-)
 from fedmoe.federated.config import FederatedConfig
+from fedmoe.federated.node import ClientPayload, ClientUpdate, Node, NodeProfile, profiles_of, shared_vector
 from fedmoe.federated.server import Server
 from fedmoe.federated.simulation import Simulation, make_profiles, model_cost
-from fedmoe.models import MoEClassifier
+from fedmoe.models import build_model, build_task
 
-__all__ = ["CHECKPOINT_VERSION", "FederatedRun", "rounds_to_target", "run_experiment"]
+__all__ = ["CHECKPOINT_VERSION", "FederatedRun", "build_nodes", "partition_clients", "rounds_to_target",
+           "run_experiment"]
 
-CHECKPOINT_VERSION = 2  # 2: the server state holds the drift detector
+CHECKPOINT_VERSION = 3  # 3: the config is the tree of sections
 
 
 def rounds_to_target(accuracies, target: float) -> int | None:
@@ -46,8 +42,36 @@ def rounds_to_target(accuracies, target: float) -> int | None:
     return int(hit[0]) + 1 if hit.size else None
 
 
+def partition_clients(config: FederatedConfig, dataset: Dataset) -> list[np.ndarray]:
+    """The training indices of each of ``federation.num_clients`` clients, as ``[data]`` splits them."""
+    data, federation = config.data, config.federation
+    return partition(dataset.y_train, federation.num_clients, data.partition, alpha=data.dirichlet_alpha,
+                     shards_per_client=data.shards_per_client, min_samples=data.min_samples,
+                     seed=federation.seed)
+
+
+def build_nodes(config: FederatedConfig, dataset: Dataset, cost: ModelCost | None = None):
+    """The simulated population of ``config`` on ``dataset``: ``(parts, model, task, cost, truth, nodes)``
+    with the client partitions, the initial global model, its task, its cost (measured unless given),
+    the clients' true self-reported profiles (default planning config) and one :class:`Node` per client,
+    all sharing one model workspace."""
+    seed = config.federation.seed
+    parts = partition_clients(config, dataset)
+    model = build_model(config.model, dataset.spec, seed)
+    task = build_task(config.model, dataset.spec)
+    if cost is None:
+        cost = model_cost(model, torch.from_numpy(dataset.x_train[:1]), config.train.epochs)
+    truth = make_profiles(np.array([p.size for p in parts], dtype=np.float64), cost, config.simulation.tiers,
+                          seed)
+    workspace = copy.deepcopy(model)
+    nodes = [Node(c, dataset.train_samples(p), workspace, task, config.train, NodeProfile.of(truth, c))
+             for c, p in enumerate(parts)]
+    return parts, model, task, cost, truth, nodes
+
+
 class FederatedRun:
-    """A run in progress: ``server``, ``simulation``, ``history`` (one record per finished round).
+    """A run in progress: ``server``, ``simulation`` (its ``nodes``), ``history`` (one record per finished
+    round).
 
     ``dataset`` may be given to skip loading ``config.data`` (it must be what that would load), ``cost`` to
     skip measuring the model (it must be what :func:`model_cost` measures).
@@ -58,39 +82,30 @@ class FederatedRun:
         if not isinstance(config, FederatedConfig):
             raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}")
         self.config = config
-        self.dataset = load_dataset(config.data, test_fraction=config.test_fraction, seed=config.seed) \
+        seed = config.federation.seed
+        self.dataset = load_dataset(config.data.source, test_fraction=config.data.test_fraction, seed=seed) \
             if dataset is None else dataset
-        self.parts = partition(self.dataset.y_train, config.num_clients, config.partition,
-                               alpha=config.dirichlet_alpha, shards_per_client=config.shards_per_client,
-                               min_samples=config.min_samples, seed=config.seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(config.seed)
-            model = MoEClassifier(self.dataset.input_shape, self.dataset.num_classes,
-                                  d_model=config.d_model, d_hidden=config.d_hidden,
-                                  num_experts=config.num_experts, channels=config.channels,
-                                  top_k=config.top_k)
-        self.cost = model_cost(model, config.local_epochs) if cost is None else cost
-        samples = np.array([p.size for p in self.parts], dtype=np.float64)
-        # the server's profiles are refined by observation; the simulation keeps the self-reported truth
-        reported = make_profiles(samples, self.cost, config.capacity, config.seed, config.profile_config())
-        self.server = Server(model, reported, config)
-        self.simulation = Simulation(self.dataset, self.parts,
-                                     make_profiles(samples, self.cost, config.capacity, config.seed), config)
-        self.workspace = copy.deepcopy(model)
-        self.train_config = config.train_config()
-        self.x_test = torch.from_numpy(self.dataset.x_test)
-        self.y_test = torch.from_numpy(self.dataset.y_test)
+        self.parts, model, self.task, self.cost, truth, nodes = build_nodes(config, self.dataset, cost)
+        # the server plans with the reported profiles, refined by observation; the simulation keeps the truth
+        reported = profiles_of([node.profile for node in nodes], self.cost, config.profiles)
+        self.server = Server(model, self.task, reported, config)
+        self.simulation = Simulation(self.dataset, self.parts, nodes, truth, config.simulation, seed)
+        self.test = self.dataset.test_samples()
         self.history: list[dict] = []
 
-    def train(self, payload: ClientPayload, x: torch.Tensor, y: torch.Tensor) -> ClientUpdate:
-        """Local training of one client (replaceable, e.g. to inject faults)."""
-        return train_client(self.workspace, payload, x, y, self.train_config)
+    @property
+    def nodes(self) -> list[Node]:
+        return self.simulation.nodes
+
+    def train(self, payload: ClientPayload, data: Samples) -> ClientUpdate:
+        """Local training of one client's node on ``data`` (replaceable, e.g. to inject faults)."""
+        return self.nodes[payload.client].train(payload, data)
 
     def cold_start(self) -> None:
         """Score every expert for every client with the initial shared gate on local data."""
         shared = shared_vector(self.server.model)
-        affinity = np.stack([gate_affinity(self.workspace, shared, x) for x in self.simulation.x])
-        self.server.cold_start(np.arange(self.config.num_clients), affinity)
+        affinity = np.stack([node.affinity(shared) for node in self.nodes])
+        self.server.cold_start(np.arange(self.config.federation.num_clients), affinity)
 
     def step(self) -> dict:
         """Play one round; returns (and appends to ``history``) its record."""
@@ -99,12 +114,12 @@ class FederatedRun:
         replies = {c: sim.run(p, self.train) for c, p in plan.payloads.items()}
         report = server.aggregate(plan, replies)
         previous = self.history[-1]["sim_time"] if self.history else 0.0
-        record = {**report.to_dict(), **server.evaluate(self.x_test, self.y_test),
+        record = {**report.to_dict(), **server.evaluate(self.test),
                   "load_cv": server.load.stats().cv, "load": server.load.load.tolist(),
                   "sim_time": previous + report.seconds,
                   "time_error": float(np.median(np.abs(np.log(server.profiles.round_time(1)
                                                               / sim.expected_seconds(1)))))}
-        if self.config.eval_aligned:
+        if self.config.evaluation.aligned:
             record["aligned_accuracy"] = self.aligned_accuracy(plan.round, report.assigned)
         self.history.append(record)
         return record
@@ -115,27 +130,29 @@ class FederatedRun:
         ``assigned`` (client -> experts), of the global model's test accuracy with the gate masked to the
         client's experts, each class weighted by its share of the client's data at round ``round_`` (so it
         follows drift). None if no client was assigned experts. Unlike ``accuracy`` (all experts allowed),
-        it depends on which experts the alignment gives each client."""
-        model, y, classes = self.server.model, self.y_test, self.dataset.num_classes
-        counts = np.bincount(y.numpy(), minlength=classes).astype(np.float64)
+        it depends on which experts the alignment gives each client. For classification tasks."""
+        model, test, classes = self.server.model, self.test, self.dataset.num_classes
+        y = test.targets.numpy()
+        counts = np.bincount(y, minlength=classes).astype(np.float64)
         per_class, scores = {}, []
         model.eval()
         try:
             for client, experts in assigned.items():
                 key = tuple(int(e) for e in experts)
                 if key not in per_class:
-                    mask = torch.zeros(model.moe.num_experts, dtype=torch.bool)
+                    mask = torch.zeros(model.num_experts, dtype=torch.bool)
                     mask[list(key)] = True
-                    model.moe.set_expert_mask(mask)
-                    correct = torch.cat([model(self.x_test[lo:lo + 1024])[0].argmax(1) == y[lo:lo + 1024]
-                                         for lo in range(0, y.shape[0], 1024)])
-                    per_class[key] = np.bincount(y.numpy(), weights=correct.numpy().astype(np.float64),
+                    model.set_expert_mask(mask)
+                    batches = (test[lo:lo + 1024] for lo in range(0, len(test), 1024))
+                    correct = torch.cat([self.task.correct(model(inputs)[0], targets)
+                                         for inputs, targets in batches])
+                    per_class[key] = np.bincount(y, weights=correct.numpy().astype(np.float64),
                                                  minlength=classes) / np.maximum(counts, 1)
-                labels = self.simulation.data(int(client), round_)[1].numpy()
+                labels = self.simulation.data(int(client), round_).targets.numpy()
                 share = np.bincount(labels, minlength=classes) / max(labels.size, 1)
                 scores.append(float(share @ per_class[key]))
         finally:
-            model.moe.set_expert_mask(None)
+            model.set_expert_mask(None)
         return float(np.mean(scores)) if scores else None
 
     # ------------------------------------------------------------------ checkpoints
@@ -145,13 +162,15 @@ class FederatedRun:
                 "server": self.server.state_dict(), "history": copy.deepcopy(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a checkpoint of a run with the same config (``rounds`` may differ)."""
+        """Restore a checkpoint of a run with the same config (``federation.rounds`` may differ)."""
         if state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
-        saved, mine = dict(state["config"]), self.config.to_dict()
-        defaults = FederatedConfig().to_dict()  # an option newer than the checkpoint had its default
-        differ = sorted(k for k in mine.keys() | saved.keys()
-                        if k != "rounds" and saved.get(k, defaults.get(k)) != mine.get(k))
+        try:
+            saved = FederatedConfig.from_dict(state["config"]).flat()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint holds an unusable config: {exc}") from None
+        mine = self.config.flat()
+        differ = sorted(k for k in mine if k != "federation.rounds" and saved[k] != mine[k])
         if differ:
             raise ValueError(f"checkpoint was written with a different config: options {differ} differ")
         self.server.load_state_dict(state["server"])
@@ -176,7 +195,7 @@ class FederatedRun:
             "rounds": self.history,
             "final_accuracy": acc[-1] if acc else None,
             "best_accuracy": max(acc) if acc else None,
-            "rounds_to_target": rounds_to_target(acc, self.config.target_accuracy),
+            "rounds_to_target": rounds_to_target(acc, self.config.evaluation.target_accuracy),
             "bytes_sent": sum(r["bytes_sent"] for r in self.history),
             "bytes_received": sum(r["bytes_received"] for r in self.history),
             "sim_time": self.history[-1]["sim_time"] if self.history else 0.0,
@@ -185,7 +204,7 @@ class FederatedRun:
 
 def run_experiment(config: FederatedConfig, *, checkpoint=None, resume: bool = False,
                    progress: bool = False, desc: str | None = None, dataset: Dataset | None = None) -> dict:
-    """Run ``config.rounds`` rounds and return :meth:`FederatedRun.result` plus ``wall_seconds``.
+    """Run ``federation.rounds`` rounds and return :meth:`FederatedRun.result` plus ``wall_seconds``.
 
     ``checkpoint``: a path written atomically after every round; with ``resume`` an existing checkpoint
     there is loaded first and the run continues from its round (same config and seed: the same result
@@ -195,12 +214,13 @@ def run_experiment(config: FederatedConfig, *, checkpoint=None, resume: bool = F
     run = FederatedRun(config, dataset)
     if resume and checkpoint is not None and Path(checkpoint).exists():
         run.load_state_dict(load_checkpoint(checkpoint))
-    elif config.cold_start:
+    elif config.fitness.cold_start:
         run.cold_start()
-    bar = tqdm(total=config.rounds, initial=min(run.server.round, config.rounds), disable=not progress,
-               desc=desc or config.strategy, unit="round", leave=False)
+    rounds = config.federation.rounds
+    bar = tqdm(total=rounds, initial=min(run.server.round, rounds), disable=not progress,
+               desc=desc or config.alignment.strategy, unit="round", leave=False)
     with bar:
-        while run.server.round < config.rounds:
+        while run.server.round < rounds:
             record = run.step()
             if checkpoint is not None:
                 save_checkpoint(checkpoint, run.state_dict())

@@ -1,9 +1,12 @@
-"""Server side of federated MoE training (DESIGN.md §5), as separate steps over explicit state.
+"""Server side of federated MoE training (docs/design.md, The federated round), as separate steps over
+explicit state.
 
 A round is ``configure`` (select the online clients to ask, align them with experts, build a payload per
-client) -> clients train -> ``aggregate`` (leave out faulty replies, aggregate shared parameters by
-weighted FedAvg and experts with :func:`fedmoe_kernels.aggregate`, update fitness, load and profiles)
--> ``evaluate``. A Flower strategy maps its configure/aggregate calls onto the same two methods.
+client) -> clients train -> ``aggregate``, in four named steps: :meth:`Server.filter_replies` (leave out
+faulty replies), :meth:`Server.merge` (weighted FedAvg of the shared parameters, per-expert
+:func:`fedmoe_kernels.aggregate` of the experts), :meth:`Server.update_alignment` (fitness, load,
+profiles, drift) and :meth:`Server.report` -> ``evaluate``. A Flower strategy maps its configure/aggregate
+calls onto the same methods.
 
 Fault filtering: a reply is left out of the round's aggregation, and reported, when it never came
 (``dropped``), came after the deadline (``late``) or is malformed (``invalid``: wrong client or experts,
@@ -12,6 +15,7 @@ wrong shapes or dtypes, non-finite values, nonsensical feedback).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
@@ -19,25 +23,25 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedmoe.alignment import (
     AlignmentResult,
-    CapacityProfile,
+    ClientProfile,
     DriftDetector,
     ExpertLoad,
     RoundState,
     fitness_table,
     make_strategy,
 )
+from fedmoe.data import Samples
 from fedmoe.federated.checkpoint import to_numpy
-from fedmoe.federated.client import ClientPayload, ClientUpdate, ExpertFeedback, load_shared, shared_vector
 from fedmoe.federated.config import FederatedConfig
+from fedmoe.federated.node import ClientPayload, ClientUpdate, ExpertFeedback, load_shared, shared_vector
 from fedmoe.federated.simulation import ClientReply
-from fedmoe.models import MoEClassifier
+from fedmoe.models import FederatedMoE, Task
 from fedmoe_kernels import aggregate
 
-__all__ = ["RoundPlan", "RoundReport", "Server", "check_update"]
+__all__ = ["Faults", "RoundPlan", "RoundReport", "Server", "check_update"]
 
 _SELECT = 11  # random stream of client selection
 
@@ -90,6 +94,19 @@ class RoundReport:
         return asdict(self)
 
 
+@dataclass
+class Faults:
+    """What :meth:`Server.filter_replies` left out (client -> reason, keys as JSON-ready strings), the
+    tensor ``bytes_received`` of replies that arrived and each payload's reply time ``seconds`` (float64,
+    in payload order, NaN where none arrived)."""
+
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
+    late: dict[str, str] = dataclasses.field(default_factory=dict)
+    invalid: dict[str, str] = dataclasses.field(default_factory=dict)
+    bytes_received: int = 0
+    seconds: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+
+
 def check_update(update: ClientUpdate, payload: ClientPayload, num_experts: int | None = None) -> str | None:
     """Why ``update`` cannot be aggregated for ``payload`` (None if it can). An ``affinity`` it carries
     must be finite, >= 0 and of shape (``num_experts``,) (any length if None)."""
@@ -133,29 +150,31 @@ def check_update(update: ClientUpdate, payload: ClientPayload, num_experts: int 
 
 
 class Server:
-    """Server state: the global ``model`` (shared parameters and the expert bank [E, P]), the fitness
-    table, expert load, client ``profiles`` (as reported, refined by observation), the drift detector, the
-    strategy and the ``round`` number. :meth:`state_dict` holds all of it as plain data."""
+    """Server state: the global ``model`` (shared parameters and the expert bank [E, P]) and its ``task``,
+    the fitness table, expert load, client ``profiles`` (as reported, refined by observation), the drift
+    detector, the strategy and the ``round`` number. :meth:`state_dict` holds all of it as plain data."""
 
-    def __init__(self, model: MoEClassifier, profiles: CapacityProfile, config: FederatedConfig):
-        if not isinstance(model, MoEClassifier):
-            raise TypeError(f"model must be a MoEClassifier, got {type(model).__name__}")
+    def __init__(self, model: FederatedMoE, task: Task, profiles: ClientProfile, config: FederatedConfig):
+        if not isinstance(model, FederatedMoE):
+            raise TypeError(f"model must follow fedmoe.models.FederatedMoE, got {type(model).__name__}")
+        if not isinstance(task, Task):
+            raise TypeError(f"task must follow fedmoe.models.Task, got {type(task).__name__}")
         if not isinstance(config, FederatedConfig):
             raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}")
-        if profiles.num_clients != config.num_clients:
-            raise ValueError(f"profiles has {profiles.num_clients} clients, config.num_clients is "
-                             f"{config.num_clients}")
-        self.config, self.model, self.profiles = config, model, profiles
-        e = model.moe.num_experts
-        self.fitness = fitness_table(config.num_clients, e, config.fitness_config())
-        self.load = ExpertLoad(e, config.load_config())
-        self.drift = DriftDetector(config.num_clients, config.drift_config())
-        self.strategy = make_strategy(config.strategy_config())
+        n = config.federation.num_clients
+        if profiles.num_clients != n:
+            raise ValueError(f"profiles has {profiles.num_clients} clients, federation.num_clients is {n}")
+        self.config, self.model, self.task, self.profiles = config, model, task, profiles
+        e = model.num_experts
+        self.fitness = fitness_table(n, e, config.fitness)
+        self.load = ExpertLoad(e, config.load)
+        self.drift = DriftDetector(n, config.drift)
+        self.strategy = make_strategy(config.alignment, config.federation.seed)
         self.round = 0
 
     @property
     def num_experts(self) -> int:
-        return self.model.moe.num_experts
+        return self.model.num_experts
 
     # ------------------------------------------------------------------ configure
 
@@ -167,87 +186,67 @@ class Server:
         """int64: up to ``clients_per_round`` of the ``online`` clients (all if 0), ascending; random but
         fixed by (seed, round)."""
         online = np.unique(np.asarray(online, dtype=np.int64))
-        want = self.config.clients_per_round or online.size
+        federation = self.config.federation
+        want = federation.clients_per_round or online.size
         if online.size <= want:
             return online
-        rng = np.random.default_rng([self.config.seed, _SELECT, self.round])
+        rng = np.random.default_rng([federation.seed, _SELECT, self.round])
         return np.sort(rng.choice(online, size=want, replace=False))
 
     def configure(self, online: np.ndarray) -> RoundPlan:
         """Select among ``online``, align the selected clients with experts, build their payloads."""
         selected = self.select(online)
         state = RoundState(self.round, selected, self.fitness, self.load, self.profiles,
-                           deadline=self.config.deadline)
+                           deadline=self.config.federation.deadline)
         alignment = self.strategy.assign(state)
         shared = shared_vector(self.model)
         bank = self.model.expert_bank.detach()
         payloads = {}
         for client, experts in alignment.to_dict().items():
             experts = np.asarray(experts, dtype=np.int64)
-            seed = int(np.random.SeedSequence([self.config.seed, self.round, client]).generate_state(1)[0])
+            key = [self.config.federation.seed, self.round, client]
+            seed = int(np.random.SeedSequence(key).generate_state(1)[0])
             payloads[client] = ClientPayload(self.round, client, experts, shared,
-                                             bank[torch.from_numpy(experts)].clone(), seed)
+                                             bank[torch.from_numpy(experts)].clone(), seed,
+                                             affinity=self.config.drift.rescore)
         return RoundPlan(self.round, selected, alignment, payloads)
 
     # ------------------------------------------------------------------ aggregate
 
     def aggregate(self, plan: RoundPlan, replies: Mapping[int, ClientReply]) -> RoundReport:
-        """Filter faults, aggregate the accepted updates into the model, update fitness, load and profiles,
-        and advance the round."""
+        """The round's aggregation in four steps: filter replies, merge the accepted updates into the model,
+        update the alignment state, report; then advance the round."""
         if plan.round != self.round:
             raise ValueError(f"plan is for round {plan.round}, the server is at round {self.round}")
-        deadline = self.config.deadline
+        accepted, faults = self.filter_replies(plan, replies)
+        rejected = self.merge(accepted)
+        reset, error = self.update_alignment(plan, accepted, faults.seconds)
+        self.round += 1
+        return self.report(plan, accepted, faults, rejected, reset, error)
+
+    def filter_replies(self, plan: RoundPlan,
+                       replies: Mapping[int, ClientReply]) -> tuple[list[ClientUpdate], Faults]:
+        """The updates that can be aggregated, in payload order, and what was left out: replies that never
+        came (``dropped``), came after the deadline (``late``) or fail :func:`check_update` (``invalid``)."""
+        deadline = self.config.federation.deadline
         accepted: list[ClientUpdate] = []
-        dropped, late, invalid = {}, {}, {}
-        received = 0
-        seconds = np.full(len(plan.payloads), np.nan)
+        faults = Faults(seconds=np.full(len(plan.payloads), np.nan))
         for i, (client, payload) in enumerate(plan.payloads.items()):
             reply = replies.get(client)
             if reply is None or reply.update is None:
-                dropped[str(client)] = "no reply" if reply is None else (reply.error or "no reply")
+                faults.dropped[str(client)] = "no reply" if reply is None else (reply.error or "no reply")
                 continue
-            seconds[i] = reply.seconds
-            received += reply.update.nbytes if isinstance(reply.update, ClientUpdate) else 0
+            faults.seconds[i] = reply.seconds
+            faults.bytes_received += reply.update.nbytes if isinstance(reply.update, ClientUpdate) else 0
             if deadline is not None and not reply.seconds <= deadline:
-                late[str(client)] = f"replied after {reply.seconds:.3g} s > deadline {deadline:.3g} s"
+                faults.late[str(client)] = f"replied after {reply.seconds:.3g} s > deadline {deadline:.3g} s"
             elif (reason := check_update(reply.update, payload, self.num_experts)) is not None:
-                invalid[str(client)] = reason
+                faults.invalid[str(client)] = reason
             else:
                 accepted.append(reply.update)
-        rejected = self._merge(accepted)
-        clients = np.concatenate([np.full(u.experts.size, u.client) for u in accepted] or [np.zeros(0, int)])
-        experts = np.concatenate([u.experts for u in accepted] or [np.zeros(0, int)])
-        samples = np.concatenate([u.feedback.samples for u in accepted] or [np.zeros(0)]).astype(np.float64)
-        before = np.concatenate([u.feedback_before.fitness() for u in accepted] or [np.zeros(0)])
-        values = before if self.config.fitness_signal == "before" else np.concatenate(
-            [u.feedback.fitness() for u in accepted] or [np.zeros(0)])
-        fresh = {u.client: u.affinity for u in accepted if u.affinity is not None} \
-            if self.config.drift_rescore else None
-        reset, error = self.drift.step(self.fitness, clients, experts, before,  # drift shows before training
-                                       rescore=fresh)
-        self.fitness.update(clients, experts, values)
-        self.load.update(experts, samples)
-        if plan.payloads:
-            sizes = [p.experts.size for p in plan.payloads.values()]
-            valid = np.isnan(seconds) | (np.isfinite(seconds) & (seconds > 0))  # what observe accepts
-            self.profiles.observe(np.fromiter(plan.payloads, np.int64)[valid], np.asarray(sizes)[valid],
-                                  seconds[valid])
-        arrived = seconds[np.isfinite(seconds)]
-        missed = deadline is not None and (dropped or late)
-        self.round += 1
-        return RoundReport(
-            round=plan.round, selected=plan.selected.tolist(),
-            assigned={str(c): p.experts.tolist() for c, p in plan.payloads.items()},
-            accepted=[u.client for u in accepted], dropped=dropped, late=late, invalid=invalid,
-            bytes_sent=sum(p.nbytes for p in plan.payloads.values()), bytes_received=received,
-            seconds=float(deadline if missed else arrived.max(initial=0.0)),
-            expert_samples=np.bincount(experts, weights=samples, minlength=self.num_experts).tolist(),
-            train_loss=float(np.mean([u.train_loss for u in accepted])) if accepted else None,
-            rejected_rows=rejected, fitness_error=float(error.mean()) if error.size else None,
-            drift_reset=reset.tolist(),
-            drift_rescored=[] if fresh is None else [c for c in reset.tolist() if c in fresh])
+        return accepted, faults
 
-    def _merge(self, updates: list[ClientUpdate]) -> int:
+    def merge(self, updates: list[ClientUpdate]) -> int:
         """Weighted FedAvg of the shared vectors (weights: local samples) and per-expert aggregation of the
         expert rows (weights: samples routed to the expert), both with ``fedmoe_kernels.aggregate``, in
         place. Returns the rows the kernel rejected."""
@@ -267,20 +266,73 @@ class Server:
             result = aggregate(rows, experts, weights, self.num_experts, bank, out=bank)
         return int(merged.rejected.sum() + result.rejected.sum())
 
+    def update_alignment(self, plan: RoundPlan, accepted: list[ClientUpdate],
+                         seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Feed the accepted updates to the drift detector (on the feedback before training), the fitness
+        table (on the ``fitness.signal`` feedback) and the expert load, and every payload's reply time
+        ``seconds`` to the profiles. Returns the drift detector's ``(reset clients, fitness error)``."""
+        clients = np.concatenate([np.full(u.experts.size, u.client) for u in accepted] or [np.zeros(0, int)])
+        experts = np.concatenate([u.experts for u in accepted] or [np.zeros(0, int)])
+        samples = np.concatenate([u.feedback.samples for u in accepted] or [np.zeros(0)]).astype(np.float64)
+        before = np.concatenate([u.feedback_before.fitness() for u in accepted] or [np.zeros(0)])
+        values = before if self.config.fitness.signal == "before" else np.concatenate(
+            [u.feedback.fitness() for u in accepted] or [np.zeros(0)])
+        fresh = self._rescored(accepted)
+        reset, error = self.drift.step(self.fitness, clients, experts, before, rescore=fresh)
+        self.fitness.update(clients, experts, values)
+        self.load.update(experts, samples)
+        if plan.payloads:
+            sizes = [p.experts.size for p in plan.payloads.values()]
+            valid = np.isnan(seconds) | (np.isfinite(seconds) & (seconds > 0))  # what observe accepts
+            self.profiles.observe(np.fromiter(plan.payloads, np.int64)[valid], np.asarray(sizes)[valid],
+                                  seconds[valid])
+        return reset, error
+
+    def _rescored(self, accepted: list[ClientUpdate]) -> dict[int, np.ndarray] | None:
+        """Client -> the gate affinity it sent, under ``drift.rescore`` (None otherwise)."""
+        if not self.config.drift.rescore:
+            return None
+        return {u.client: u.affinity for u in accepted if u.affinity is not None}
+
+    def report(self, plan: RoundPlan, accepted: list[ClientUpdate], faults: Faults, rejected: int,
+               reset: np.ndarray, error: np.ndarray) -> RoundReport:
+        """The :class:`RoundReport` of an aggregated round."""
+        deadline = self.config.federation.deadline
+        arrived = faults.seconds[np.isfinite(faults.seconds)]
+        missed = deadline is not None and (faults.dropped or faults.late)
+        experts = np.concatenate([u.experts for u in accepted] or [np.zeros(0, int)])
+        samples = np.concatenate([u.feedback.samples for u in accepted] or [np.zeros(0)]).astype(np.float64)
+        fresh = self._rescored(accepted)
+        return RoundReport(
+            round=plan.round, selected=plan.selected.tolist(),
+            assigned={str(c): p.experts.tolist() for c, p in plan.payloads.items()},
+            accepted=[u.client for u in accepted], dropped=faults.dropped, late=faults.late,
+            invalid=faults.invalid, bytes_sent=sum(p.nbytes for p in plan.payloads.values()),
+            bytes_received=faults.bytes_received,
+            seconds=float(deadline if missed else arrived.max(initial=0.0)),
+            expert_samples=np.bincount(experts, weights=samples, minlength=self.num_experts).tolist(),
+            train_loss=float(np.mean([u.train_loss for u in accepted])) if accepted else None,
+            rejected_rows=rejected, fitness_error=float(error.mean()) if error.size else None,
+            drift_reset=reset.tolist(),
+            drift_rescored=[] if fresh is None else [c for c in reset.tolist() if c in fresh])
+
     # ------------------------------------------------------------------ evaluate
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> dict[str, float]:
-        """``{"loss", "accuracy"}`` of the global model (all experts allowed) on ``x`` [n, C, H, W], ``y``
-        [n]."""
-        self.model.moe.set_expert_mask(None)
+    def evaluate(self, data: Samples, batch_size: int = 1024) -> dict[str, float]:
+        """``{"loss", "accuracy"}`` of the global model (all experts allowed) on ``data``, per unit of the
+        task's loss."""
+        self.model.set_expert_mask(None)
         self.model.eval()
-        loss, correct = 0.0, 0
-        for lo in range(0, x.shape[0], batch_size):
-            logits, _ = self.model(x[lo:lo + batch_size])
-            loss += float(F.cross_entropy(logits, y[lo:lo + batch_size], reduction="sum"))
-            correct += int((logits.argmax(1) == y[lo:lo + batch_size]).sum())
-        return {"loss": loss / x.shape[0], "accuracy": correct / x.shape[0]}
+        loss, correct, units = 0.0, 0, 0
+        for lo in range(0, len(data), batch_size):
+            inputs, targets = data[lo:lo + batch_size]
+            outputs, _ = self.model(inputs)
+            loss += float(self.task.loss(outputs, targets, reduction="sum"))
+            hits = self.task.correct(outputs, targets)
+            correct += int(hits.sum())
+            units += hits.numel()
+        return {"loss": loss / units, "accuracy": correct / units}
 
     # ------------------------------------------------------------------ state
 

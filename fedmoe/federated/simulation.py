@@ -1,14 +1,15 @@
-"""Simulated heterogeneous clients: device tiers, true round times, availability, drop-outs and faults.
+"""Simulated heterogeneous clients: device tiers, true round times, availability, drop-outs and faults, on
+top of one :class:`~fedmoe.federated.Node` per client.
 
-Each client belongs to a tier (heterogeneous: 20% high, 50% mid, 30% low; uniform: one mid tier) that
-sets the median of how many experts fit in its memory next to the shared model, its compute (FLOP/s),
-bandwidth (bytes/s), latency and reliability; values are drawn log-normally around the medians
+Each client belongs to a tier (``tiers`` "heterogeneous": 20% high, 50% mid, 30% low; "uniform": one mid
+tier) that sets the median of how many experts fit in its memory next to the shared model, its compute
+(FLOP/s), bandwidth (bytes/s), latency and reliability; values are drawn log-normally around the medians
 (:func:`fedmoe.alignment.generate_profiles`), with at least one expert's memory for every client. Sizes
 and FLOPs are the real ones of the model (:func:`model_cost`), so simulated times follow the bytes sent.
 
 The server sees the self-reported profile. The true round time of a client training ``k`` experts is
 that profile's prediction times a hidden per-client factor (log-normal, sigma 0.25: the self-report is
-off) times a per-round jitter (log-normal, sigma 0.1). With ``capacity_error = e`` the true time and the
+off) times a per-round jitter (log-normal, sigma 0.1). With ``profile_error = e`` the true time and the
 true memory are further off by per-client factors drawn uniformly from [1 - e, 1 + e]; a client given more
 experts than its true memory holds fails ("out of memory"). Each round a client is online with
 probability ``availability``; an online client that was given work drops out mid-round (no reply) with
@@ -36,13 +37,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedmoe.alignment import CapacityProfile, ModelCost, ProfileConfig, Tier, generate_profiles
-from fedmoe.data import Dataset
-from fedmoe.federated.client import ClientPayload, ClientUpdate
-from fedmoe.federated.config import FederatedConfig
-from fedmoe.models import MoEClassifier
+from fedmoe.alignment import ClientProfile, ModelCost, ProfileConfig, Tier, _checks, generate_profiles
+from fedmoe.data import Dataset, Samples
+from fedmoe.federated.node import ClientPayload, ClientUpdate, Node
+from fedmoe.models import FederatedMoE
 
-__all__ = ["TIERS", "ClientReply", "Simulation", "make_profiles", "model_cost"]
+__all__ = ["TIERS", "ClientReply", "Simulation", "SimulationConfig", "make_profiles", "model_cost"]
 
 # name, share of clients, experts that fit in memory, compute FLOP/s, bandwidth bytes/s, latency s, P(reply)
 TIERS = {
@@ -57,6 +57,38 @@ _ONLINE, _CLIENT, _HIDDEN, _ERROR, _DRIFT = 1, 2, 3, 4, 5  # random streams
 
 
 @dataclass(frozen=True)
+class SimulationConfig:
+    """The ``[simulation]`` section (see the module docstring): ``tiers`` (heterogeneous | uniform),
+    ``availability`` (probability a client is online at a round), ``dropout`` (clients drop out mid-round
+    with their tier's unreliability), ``dropout_rate`` (a further, independent probability of dropping
+    out mid-round, for every client), ``corrupt`` (probability that a reply comes back with non-finite
+    values; a fault drill), ``profile_error`` (true speed and memory are the self-reported ones times a
+    factor drawn from [1 - e, 1 + e]), ``drift_round`` (from this round on, a ``drift_fraction`` of the
+    clients hold data with their labels permuted; 0 = no drift)."""
+
+    tiers: str = "heterogeneous"
+    availability: float = 1.0
+    dropout: bool = True
+    dropout_rate: float = 0.0
+    corrupt: float = 0.0
+    profile_error: float = 0.0
+    drift_round: int = 0
+    drift_fraction: float = 0.5
+
+    def __post_init__(self):
+        if self.tiers not in TIERS:
+            raise ValueError(f"tiers must be one of {list(TIERS)}, got {self.tiers!r}")
+        _checks.real("availability", self.availability, 0.0, 1.0, lo_open=True)
+        if not isinstance(self.dropout, bool):
+            raise TypeError(f"dropout must be a bool, got {self.dropout!r}")
+        _checks.real("dropout_rate", self.dropout_rate, 0.0, 1.0, hi_open=True)
+        _checks.real("corrupt", self.corrupt, 0.0, 1.0)
+        _checks.real("profile_error", self.profile_error, 0.0, 1.0, hi_open=True)
+        _checks.integer("drift_round", self.drift_round, 0)
+        _checks.real("drift_fraction", self.drift_fraction, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
 class ClientReply:
     """What came back from one client: ``update`` (None if it never replied), ``seconds`` after the round
     started when it arrived (NaN if never), ``error`` (why there is no update, if known)."""
@@ -67,13 +99,14 @@ class ClientReply:
     error: str | None = None
 
 
-def model_cost(model: MoEClassifier, epochs: int) -> ModelCost:
-    """Real sizes of ``model``: float32 bytes of the shared part and of one expert; training FLOPs per
-    sample (3x the forward FLOPs, counted by torch) all on the shared part, since with top-k routing a
-    sample costs the same however many experts a client holds."""
+def model_cost(model: FederatedMoE, example: torch.Tensor, epochs: int) -> ModelCost:
+    """Real sizes of ``model``: bytes of the shared part and of one expert; training FLOPs per sample (3x
+    the forward FLOPs on zeros shaped like ``example`` [1, ...], one sample of the inputs, counted by
+    torch) all on the shared part, since with top-k routing a sample costs the same however many experts
+    a client holds."""
     shared = sum(p.numel() * p.element_size() for _, p in model.named_shared_parameters())
-    expert = model.moe.expert_size * model.expert_bank.element_size()
-    sample = torch.zeros((1, *model.input_shape))
+    expert = model.expert_bank.shape[1] * model.expert_bank.element_size()
+    sample = torch.zeros_like(example)
     with torch.no_grad():
         model(sample)  # one-time capability checks (grouped_mm) run here, outside the count
         with FlopCounterMode(display=False) as counter:
@@ -82,58 +115,59 @@ def model_cost(model: MoEClassifier, epochs: int) -> ModelCost:
                      base_flops=3.0 * counter.get_total_flops(), expert_flops=0.0, epochs=float(epochs))
 
 
-def make_profiles(samples: np.ndarray, cost: ModelCost, capacity: str, seed: int,
-                  config: ProfileConfig | None = None) -> CapacityProfile:
-    """Self-reported profiles of ``len(samples)`` clients holding ``samples`` training samples each;
-    ``config`` is how the holder plans with them (memories are sized for the default safety margin)."""
-    if capacity not in TIERS:
-        raise ValueError(f"capacity must be one of {sorted(TIERS)}, got {capacity!r}")
+def make_profiles(samples: np.ndarray, cost: ModelCost, tiers: str, seed: int,
+                  config: ProfileConfig | None = None) -> ClientProfile:
+    """Self-reported profiles of ``len(samples)`` clients holding ``samples`` training samples each, drawn
+    from the ``tiers`` preset; ``config`` is how the holder plans with them (memories are sized for the
+    default safety margin)."""
+    if tiers not in TIERS:
+        raise ValueError(f"tiers must be one of {sorted(TIERS)}, got {tiers!r}")
     samples = np.asarray(samples, dtype=np.float64)
     margin = 1 + ProfileConfig().safety_margin
 
     def memory(experts: float) -> float:
         return (cost.base_bytes + (experts + 0.5) * cost.expert_bytes) * margin
 
-    tiers = [Tier(name, share, compute=compute, memory=memory(fit), bandwidth=bandwidth, latency=latency,
-                  reliability=reliability, samples=max(float(samples.mean()), 1.0), spread=_SPREAD[capacity])
-             for name, share, fit, compute, bandwidth, latency, reliability in TIERS[capacity]]
-    drawn = generate_profiles(samples.size, tiers, seed=seed, model=cost)
-    return CapacityProfile(drawn.compute, np.maximum(drawn.memory, memory(1)), drawn.bandwidth, drawn.latency,
+    preset = [Tier(name, share, compute=compute, memory=memory(fit), bandwidth=bandwidth, latency=latency,
+                   reliability=reliability, samples=max(float(samples.mean()), 1.0), spread=_SPREAD[tiers])
+              for name, share, fit, compute, bandwidth, latency, reliability in TIERS[tiers]]
+    drawn = generate_profiles(samples.size, preset, seed=seed, model=cost)
+    return ClientProfile(drawn.compute, np.maximum(drawn.memory, memory(1)), drawn.bandwidth, drawn.latency,
                            drawn.reliability, samples, model=cost, config=config, tier=drawn.tier)
 
 
 class Simulation:
-    """The clients of one run: their data (from ``dataset`` split by ``parts``; ``x``/``y`` before any
-    drift, :meth:`data` at a round), true profiles and faults.
+    """The clients of one run: their :class:`~fedmoe.federated.Node` runtimes (``nodes[c]`` trains client
+    ``c``'s partition of ``dataset``), their true profiles (``truth``) and faults.
 
     ``run(payload, train)`` plays one client's round: drop-out, memory, true time,
-    ``train(payload, x, y)`` (an exception there counts as the client dropping out), corruption.
+    ``train(payload, data)`` with the client's data at that round (an exception there counts as the client
+    dropping out), corruption.
     """
 
-    def __init__(self, dataset: Dataset, parts: list[np.ndarray], profiles: CapacityProfile,
-                 config: FederatedConfig):
-        if len(parts) != profiles.num_clients:
-            raise ValueError(f"parts has {len(parts)} clients, profiles {profiles.num_clients}")
-        self.config = config
-        self.truth = profiles
-        self.x = [torch.from_numpy(dataset.x_train[p]) for p in parts]
-        self.y = [torch.from_numpy(dataset.y_train[p]) for p in parts]
-        n = profiles.num_clients
-        time_error, memory_error = 1 + config.capacity_error * self._rng(_ERROR).uniform(-1, 1, (2, n))
+    def __init__(self, dataset: Dataset, parts: list[np.ndarray], nodes: list[Node], truth: ClientProfile,
+                 config: SimulationConfig, seed: int):
+        if not len(parts) == len(nodes) == truth.num_clients:
+            raise ValueError(f"parts ({len(parts)}), nodes ({len(nodes)}) and truth ({truth.num_clients}) "
+                             f"must count the same clients")
+        self.config, self.seed = config, seed
+        self.nodes, self.truth = nodes, truth
+        n = truth.num_clients
+        time_error, memory_error = 1 + config.profile_error * self._rng(_ERROR).uniform(-1, 1, (2, n))
         self.hidden = np.exp(_HIDDEN_SIGMA * self._rng(_HIDDEN).standard_normal(n)) * time_error
-        cost = profiles.model  # true memory holds this many experts next to the shared model (no margin)
-        usable = profiles.memory * memory_error - cost.base_bytes
+        cost = truth.model  # true memory holds this many experts next to the shared model (no margin)
+        usable = truth.memory * memory_error - cost.base_bytes
         self.experts_fit = np.floor(usable / cost.expert_bytes).astype(np.int64)
         self.drifted = self._drift(dataset, parts) if config.drift_round else {}
 
     @property
     def num_clients(self) -> int:
-        return len(self.x)
+        return len(self.nodes)
 
     def _rng(self, *key: int) -> np.random.Generator:
-        return np.random.default_rng([self.config.seed, *key])
+        return np.random.default_rng([self.seed, *key])
 
-    def _drift(self, dataset: Dataset, parts: list[np.ndarray]) -> dict[int, tuple[torch.Tensor, ...]]:
+    def _drift(self, dataset: Dataset, parts: list[np.ndarray]) -> dict[int, Samples]:
         """Client -> its data after the drift (see module docstring)."""
         rng = self._rng(_DRIFT)
         n, classes = len(parts), dataset.num_classes
@@ -145,14 +179,14 @@ class Simulation:
             overlap = np.array([held[(y + s) % classes].sum() for s in range(1, classes)])
             labels = (y + 1 + rng.choice(np.flatnonzero(overlap == overlap.min()))) % classes
             idx = np.array([rng.choice(by_class[k]) for k in labels], dtype=np.int64)
-            drifted[int(c)] = (torch.from_numpy(dataset.x_train[idx]), torch.from_numpy(dataset.y_train[idx]))
+            drifted[int(c)] = dataset.train_samples(idx)
         return drifted
 
-    def data(self, client: int, round_: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, y)`` that ``client`` trains on at round ``round_``."""
+    def data(self, client: int, round_: int) -> Samples:
+        """The samples ``client`` trains on at round ``round_``."""
         if self.config.drift_round and round_ >= self.config.drift_round and client in self.drifted:
             return self.drifted[client]
-        return self.x[client], self.y[client]
+        return self.nodes[client].data
 
     def expected_seconds(self, num_experts: int) -> np.ndarray:
         """float64 [N]: every client's true round time with ``num_experts`` experts, without the jitter."""
@@ -170,7 +204,7 @@ class Simulation:
         return float(predicted * self.hidden[client] * jitter)
 
     def run(self, payload: ClientPayload,
-            train: Callable[[ClientPayload, torch.Tensor, torch.Tensor], ClientUpdate]) -> ClientReply:
+            train: Callable[[ClientPayload, Samples], ClientUpdate]) -> ClientReply:
         """Play one client's round (see class docstring)."""
         c = payload.client
         drop, corrupt, extra_drop = self._rng(_CLIENT, payload.round, c, 1).random(3)
@@ -180,9 +214,9 @@ class Simulation:
         if payload.experts.size > self.experts_fit[c]:
             return ClientReply(c, None, float("nan"), "out of memory")
         try:
-            update = train(payload, *self.data(c, payload.round))
+            update = train(payload, self.data(c, payload.round))
         except Exception as exc:  # a failing client must not stop the run: it counts as dropped out
             return ClientReply(c, None, float("nan"), f"{type(exc).__name__}: {exc}")
-        if corrupt < self.config.corrupt:
+        if corrupt < cfg.corrupt:
             update = dataclasses.replace(update, shared=torch.full_like(update.shared, float("nan")))
         return ClientReply(c, update, self.true_seconds(payload.round, c, payload.experts.size))

@@ -1,7 +1,8 @@
 """Sensitivity sweeps: a grid of option values x seeds, run in parallel processes, summarised per grid point.
 
-An axis sets one option or several together: ``fitness_ema=0.7,0.9,0.99`` or
-``fit_weight/load_weight=0.3/0.7,0.5/0.5,0.7/0.3`` (values of the options joined by ``/``). The grid is
+An axis sets one option or several together, by their paths in the config tree: ``fitness.ema=0.7,0.9``
+or ``alignment.desirability.alpha/alignment.desirability.beta=0.3/0.7,0.7/0.3`` (values of the options
+joined by ``/``). The grid is
 the product of the axes; every point runs with every seed (seed s: same data, partition and profiles at
 every point). Per point: final accuracy, mean accuracy over the last 5 rounds, rounds to the target
 (None where not reached) and final load CV, each as a list over seeds with mean and sample std.
@@ -47,10 +48,11 @@ def parse_axis(text: str) -> Axis:
         raise ValueError(f"axis must look like name=v1,v2,... or a/b=a1/b1,a2/b2,..., got {text!r}")
     left, right = text.split("=")
     names = tuple(n.strip() for n in left.split("/"))
-    types = FederatedConfig.option_types()
+    options = FederatedConfig.options()
     for name in names:
-        if name not in types or name == "seed":
-            raise ValueError(f"axis {left!r}: {name!r} is not a sweepable option; options: {sorted(types)}")
+        if name not in options or name == "federation.seed" or options[name].sequence:
+            sweepable = sorted(p for p, o in options.items() if p != "federation.seed" and not o.sequence)
+            raise ValueError(f"axis {left!r}: {name!r} is not a sweepable option; options: {sweepable}")
     if len(set(names)) != len(names):
         raise ValueError(f"axis {left!r} names an option twice")
     values = []
@@ -59,20 +61,12 @@ def parse_axis(text: str) -> Axis:
         if len(parts) != len(names):
             raise ValueError(f"axis {left!r}: value {item.strip()!r} must have {len(names)} part(s)")
         try:
-            values.append(tuple(_parse(types[n], p.strip()) for n, p in zip(names, parts, strict=True)))
+            values.append(tuple(options[n].parse(p.strip()) for n, p in zip(names, parts, strict=True)))
         except ValueError as exc:
             raise ValueError(f"axis {left!r}: bad value {item.strip()!r}: {exc}") from None
     if len(set(values)) != len(values):
         raise ValueError(f"axis {left!r} repeats a value")
     return Axis(names, tuple(values))
-
-
-def _parse(kind: type, text: str):
-    if kind is bool:
-        if text.lower() not in ("true", "false"):
-            raise ValueError(f"expected true or false, got {text!r}")
-        return text.lower() == "true"
-    return kind(text)
 
 
 def _points(axes: Sequence[Axis]) -> list[tuple[tuple, ...]]:
@@ -110,10 +104,10 @@ def run_sweep(base: FederatedConfig, axes: Sequence[Axis], seeds: Sequence[int],
     configs = {}
     for i, point in enumerate(points):
         try:
-            config = base.replace(**_changes(axes, point))
+            config = base.replace(_changes(axes, point))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"grid point {_changes(axes, point)}: {exc}") from None
-        configs.update({f"point{i:03d}-seed{s}": config.replace(seed=s) for s in seeds})
+        configs.update({f"point{i:03d}-seed{s}": config.replace({"federation.seed": s}) for s in seeds})
     results = run_configs(configs, Path(out) / "runs", workers=workers, threads=threads, resume=resume,
                           progress=progress)
     summary = {"base": base.to_dict(), "seeds": seeds,

@@ -1,6 +1,10 @@
-"""Models of fedmoe: the MoE layer on fedmoe_kernels' routing ops, and a small MoE image classifier."""
+"""Models of fedmoe: the MoE layer on fedmoe_kernels' routing ops, the protocol every federated model and
+task follows, and the models ``[model] kind`` can build."""
 
-from fedmoe.models.classifier import INPUT_SHAPES, MoEClassifier
+from fedmoe.models.classifier import INPUT_SHAPES, ClassificationTask, MoEClassifier
 from fedmoe.models.moe import MoELayer, MoEStats, grouped_mm_available
+from fedmoe.models.protocol import FederatedMoE, Task
+from fedmoe.models.registry import MODEL_KINDS, ModelConfig, build_model, build_task
 
-__all__ = ["INPUT_SHAPES", "MoEClassifier", "MoELayer", "MoEStats", "grouped_mm_available"]
+__all__ = ["INPUT_SHAPES", "MODEL_KINDS", "ClassificationTask", "FederatedMoE", "MoEClassifier", "MoELayer",
+           "MoEStats", "ModelConfig", "Task", "build_model", "build_task", "grouped_mm_available"]

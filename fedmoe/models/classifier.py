@@ -2,7 +2,7 @@
 
 For 8x8 digits (1, 8, 8), 28x28 images (1, 28, 28) and 32x32 colour images (3, 32, 32). The backbone,
 the router and the head are the shared parameters of federated training; the experts are the rows of
-``moe.expert_bank``.
+``moe.expert_bank``. :class:`ClassificationTask` scores it: cross-entropy and top-1 accuracy per image.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedmoe.models.moe import MoELayer, MoEStats
 
-__all__ = ["INPUT_SHAPES", "MoEClassifier"]
+__all__ = ["INPUT_SHAPES", "ClassificationTask", "MoEClassifier"]
 
 INPUT_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
@@ -63,6 +64,14 @@ class MoEClassifier(nn.Module):
         """[E, P]: one row per expert (see :class:`MoELayer`)."""
         return self.moe.expert_bank
 
+    @property
+    def num_experts(self) -> int:
+        return self.moe.num_experts
+
+    def set_expert_mask(self, mask: torch.Tensor | None) -> None:
+        """See :meth:`MoELayer.set_expert_mask`."""
+        self.moe.set_expert_mask(mask)
+
     def named_shared_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """All parameters except the expert bank: backbone, router, norm and head."""
         return ((name, p) for name, p in self.named_parameters() if p is not self.moe.expert_bank)
@@ -78,3 +87,14 @@ class MoEClassifier(nn.Module):
         features = self.backbone(images)
         mixed, stats = self.moe(self.norm(features))
         return self.head(features + mixed), stats
+
+
+class ClassificationTask:
+    """Cross-entropy of logits [B, C] against int64 labels [B]; a sample is correct when its top logit is
+    its label."""
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(outputs, targets, reduction=reduction)
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return outputs.argmax(1) == targets

@@ -34,6 +34,8 @@ class MoEStats:
     - ``weights``: float32 [T, k], combine weights (softmax over the top-k choices).
     - ``counts``: int64 [E], rows each expert processed.
     - ``dropped``: int64 scalar, slots dropped for capacity.
+    - ``gate_mass``: float64 [E], the router's probabilities summed over the T tokens (no gradient); with
+      no mask, ``gate_mass / T`` is the mean router distribution.
     """
 
     aux_loss: torch.Tensor
@@ -41,6 +43,7 @@ class MoEStats:
     weights: torch.Tensor
     counts: torch.Tensor
     dropped: torch.Tensor
+    gate_mass: torch.Tensor
 
 
 @cache
@@ -172,7 +175,8 @@ class MoELayer(nn.Module):
         self.expert_mask = mask
 
     def _route(self, x: torch.Tensor):
-        """(expert_idx [T,k] after mask and capacity, weights [T,k] float32, aux loss, dropped count)."""
+        """(expert_idx [T,k] after mask and capacity, weights [T,k] float32, aux loss, dropped count,
+        gate mass [E] float64)."""
         t, k, e = x.shape[0], self.top_k, self.num_experts
         logits = self.router(x).float()
         allowed = self.expert_mask
@@ -187,15 +191,16 @@ class MoELayer(nn.Module):
         chosen = top_i.reshape(-1)
         share = torch.bincount(chosen[chosen >= 0], minlength=e).float() / chosen.ge(0).sum()
         aux_loss = num_allowed * (share * probs.mean(0)).sum()
+        gate_mass = probs.detach().sum(0, dtype=torch.float64)
         if self.capacity_factor is None:
-            return top_i, weights, aux_loss, torch.zeros((), dtype=torch.int64, device=x.device)
+            return top_i, weights, aux_loss, torch.zeros((), dtype=torch.int64, device=x.device), gate_mass
         capacity = math.ceil(self.capacity_factor * t * min(k, num_allowed) / num_allowed)
         # Rank of each slot within its expert in slot-major order: route the transposed choices.
         slot_major = route(top_i.t().reshape(-1, 1), e, backend=self.backend)
         expert_start = slot_major.offsets[top_i.clamp(min=0)]
         rank = slot_major.inverse.view(k, t).t() - expert_start
         overflow = (rank >= capacity) & (top_i >= 0)
-        return top_i.masked_fill(overflow, -1), weights, aux_loss, overflow.sum()
+        return top_i.masked_fill(overflow, -1), weights, aux_loss, overflow.sum(), gate_mass
 
     def _experts(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """The FFN of each row's expert: rows [R, d_model] grouped by ``offsets`` [E+1] -> [R, d_model]."""
@@ -232,8 +237,8 @@ class MoELayer(nn.Module):
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)
-        expert_idx, weights, aux_loss, dropped = self._route(tokens)
+        expert_idx, weights, aux_loss, dropped, gate_mass = self._route(tokens)
         plan = route(expert_idx, self.num_experts, backend=self.backend)
         rows = self._experts(dispatch(tokens, plan, backend=self.backend), plan.offsets)
         out = combine(rows, plan, weights, backend=self.backend)
-        return out.view(x.shape), MoEStats(aux_loss, expert_idx, weights, plan.counts, dropped)
+        return out.view(x.shape), MoEStats(aux_loss, expert_idx, weights, plan.counts, dropped, gate_mass)

@@ -1,4 +1,5 @@
-"""Fused per-expert weighted aggregation (DESIGN.md §3.3), in one batch or streamed as replies arrive.
+"""``aggregate``: fused per-expert weighted aggregation (docs/design.md, Ops), in one batch or streamed as
+replies arrive. :func:`aggregate_reference` is the loop reference.
 
 Each of the M received rows is one updated copy of one expert, flattened to P values. For every expert
 ``e`` the new value is computed over its *accepted* rows ``m`` (those whose values are all finite once
@@ -51,12 +52,12 @@ row, or finite values whose sum overflows) are left unwritten, given per-row ver
 their accepted rows. Clipping (the deltas' norms) and float64 rows for a float32 bank (values beyond float32
 range) need the verdicts first: a pass over whole rows about 1 MiB at a time (converted; deltas and norms),
 then the sums, so two reads.
-Triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``): a verdict
-launch (finiteness, clipping norms), then one launch over (column block, expert) that sums in registers and
-reads and writes the bank once; see :mod:`fedmoe_kernels.backend.aggregate`. The streaming form gives each
-added batch its verdicts first (on torch a second read, of rows likely still in cache), keeps ``[E, P]`` sums
-(that is its O(E*P) memory; on torch each batch is added to them in tiles, where they lie) and writes the
-bank in :meth:`Accumulator.result`.
+Triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``): a verdict launch (finiteness, clipping
+norms), then one launch over (column block, expert) that sums in registers and reads and writes the bank
+once; see :mod:`fedmoe_kernels._details.aggregate_triton`. The streaming form gives each added batch its
+verdicts first (on torch a second read, of rows likely still in cache), keeps ``[E, P]`` sums (that is its
+O(E*P) memory; on torch each batch is added to them in tiles, where they lie) and writes the bank in
+:meth:`Accumulator.result`.
 
 In place. ``out=base`` (or ``out`` the same view of the same memory) updates the bank where it lies, so
 parameters that are views of the flat ``[E, P]`` bank see the new values; no copy of the bank is made.
@@ -70,12 +71,13 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from fedmoe_kernels._backend import resolve
 
-__all__ = ["Accumulator", "AggregateResult", "aggregate"]
+__all__ = ["Accumulator", "AggregateRef", "AggregateResult", "aggregate", "aggregate_reference"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHUNK_BYTES = 1 << 20  # torch path: bytes of rows per tile, and per step of the verdict pass over rows
@@ -520,7 +522,7 @@ def _counts(experts: torch.Tensor, ok: torch.Tensor, num_experts: int) -> tuple[
 
 
 def _triton_stats(rows, experts, base, acc_dtype, max_norm):
-    from fedmoe_kernels.backend.aggregate import row_stats
+    from fedmoe_kernels._details.aggregate_triton import row_stats
 
     if rows.shape[0] == 0:
         return torch.ones(0, dtype=torch.int8, device=rows.device), None
@@ -578,7 +580,7 @@ def aggregate(
     if backend == "torch":
         ok, wsum = _torch_aggregate(rows, experts, wscaled, base, max_norm, lr, out)
     else:
-        from fedmoe_kernels.backend.aggregate import aggregate_rows
+        from fedmoe_kernels._details.aggregate_triton import aggregate_rows
 
         wsum = torch.zeros(num_experts, dtype=torch.float64, device=base.device)
         ok, sq = _triton_stats(rows, experts, base, acc_dtype, max_norm)
@@ -642,7 +644,7 @@ class Accumulator:
             ids = torch.nonzero(ok).squeeze(1)
             _sum_tiles(sums, rows, ids, experts[ids], coef[:, None])  # added where the sums lie
         else:
-            from fedmoe_kernels.backend.aggregate import aggregate_rows
+            from fedmoe_kernels._details.aggregate_triton import aggregate_rows
 
             ok, sq = _triton_stats(rows, experts, self._base, self._sums.dtype, self._max_norm)
             perm, offsets = _group(experts, self.num_experts)
@@ -669,7 +671,7 @@ class Accumulator:
                 _finish(_take(self._sums, at).clone(), at, factor, neg_c, self._base, out)
             wsum = self._wsum
         else:
-            from fedmoe_kernels.backend.aggregate import aggregate_rows
+            from fedmoe_kernels._details.aggregate_triton import aggregate_rows
 
             device = self._base.device
             no_rows = self._sums[:0]
@@ -681,3 +683,51 @@ class Accumulator:
                 acc_dtype=self._sums.dtype, out=out, sums=self._sums, rescale=torch.ones_like(wsum),
             )
         return AggregateResult(out, self._accepted.clone(), self._rejected.clone(), _ldexp(wsum, self._k))
+
+
+# ---------------------------------------------------------------- reference
+
+
+class AggregateRef(NamedTuple):
+    """Reference answer of ``aggregate``: the bank in float64 [E, P] and the per-expert counters."""
+
+    bank: torch.Tensor
+    accepted: torch.Tensor
+    rejected: torch.Tensor
+    weight_sum: torch.Tensor
+
+
+def aggregate_reference(rows, experts, weights, num_experts: int, base, *, max_norm=None, lr=1.0):
+    """Per expert ``e``, over its rows whose values are all finite once converted to the accumulation dtype
+    (float64 for a float64 ``base``, else float32): ``base[e] + lr * sum_m (w_m / W) * s_m * d_m`` with
+    ``d_m = row_m - base[e]``, ``W = sum_m w_m``, ``s_m = min(1, max_norm / ||d_m||)`` (1 without
+    ``max_norm``); ``base[e]`` where there is no such row or ``W == 0``. Computed in float64; returns
+    :class:`AggregateRef`."""
+    acc = torch.float64 if base.dtype == torch.float64 else torch.float32
+    bank = base.to(torch.float64).clone()
+    accepted = torch.zeros(num_experts, dtype=torch.int64)
+    rejected = torch.zeros(num_experts, dtype=torch.int64)
+    weight_sum = torch.zeros(num_experts, dtype=torch.float64)
+    ids = [int(e) for e in experts]
+    w = [float(x) for x in weights]
+    for e in range(num_experts):
+        kept = []
+        for m, expert in enumerate(ids):
+            if expert != e:
+                continue
+            x = rows[m].to(acc).to(torch.float64)
+            if not bool(torch.isfinite(x).all()):
+                rejected[e] += 1
+                continue
+            d = x - bank[e]
+            if max_norm is not None:
+                norm = float(torch.linalg.vector_norm(d))
+                if norm > max_norm:
+                    d = d * (max_norm / norm)
+            kept.append((w[m], d))
+        accepted[e] = len(kept)
+        total = sum(wm for wm, _ in kept)
+        weight_sum[e] = total
+        if total > 0:
+            bank[e] = bank[e] + lr * sum(((wm / total) * d for wm, d in kept), torch.zeros_like(bank[e]))
+    return AggregateRef(bank, accepted, rejected, weight_sum)

@@ -1,22 +1,24 @@
-"""The routing plan (DESIGN.md §3.2): which grouped row each (token, slot) of a top-k choice goes to.
+"""``route``: the routing plan (docs/design.md, Ops), which grouped row each (token, slot) of a top-k
+choice goes to.
 
 ``route(expert_idx[T,k], num_experts)`` groups the T*k (token, slot) entries by expert, stably: within an
 expert by ascending token, then ascending slot (the flat entry ``token * k + slot``). Entries with expert
 ``-1`` (masked experts, capacity overflow) are dropped. On CUDA (or with ``backend="triton"``) a Triton
-counting sort builds the plan (:mod:`fedmoe_kernels.backend.routing`); the CPU default is a stable torch
-sort. Both give identical plans. Building a plan reads back to the host the range of ``expert_idx``
-(validation) and the number of kept rows.
+counting sort builds the plan (:mod:`fedmoe_kernels._details.route_triton`); the CPU default is a stable
+torch sort. Both give the plan of :func:`route_reference`, the loop reference. Building a plan reads
+back to the host the range of ``expert_idx`` (validation) and the number of kept rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from fedmoe_kernels._backend import resolve
 
-__all__ = ["MAX_EXPERTS", "MAX_TOP_K", "RoutingPlan", "route"]
+__all__ = ["MAX_EXPERTS", "MAX_TOP_K", "RoutePlanRef", "RoutingPlan", "route", "route_reference"]
 
 MAX_EXPERTS = 4096
 MAX_TOP_K = 8
@@ -102,10 +104,45 @@ def route(expert_idx: torch.Tensor, num_experts: int, *, backend: str = "auto") 
     t, k = expert_idx.shape
     flat = expert_idx.contiguous().view(-1)
     if resolve(backend, expert_idx) == "triton":
-        from fedmoe_kernels.backend import routing as kernels
+        from fedmoe_kernels._details import route_triton
 
-        permutation, offsets, inverse = kernels.route(flat, num_experts)
+        permutation, offsets, inverse = route_triton.route(flat, num_experts)
     else:
         permutation, offsets, inverse = _route_torch(flat.long(), num_experts, any_dropped)
     permutation = permutation[: int(offsets[-1])]
     return RoutingPlan(permutation, permutation // k, offsets, inverse.view(t, k))
+
+
+# ---------------------------------------------------------------- reference
+
+
+class RoutePlanRef(NamedTuple):
+    """Reference routing plan: ``permutation`` int64 [R], ``offsets`` int64 [E+1], ``inverse`` [T, k]."""
+
+    permutation: torch.Tensor
+    offsets: torch.Tensor
+    inverse: torch.Tensor
+
+
+def route_reference(expert_idx, num_experts: int) -> RoutePlanRef:
+    """Group the flat entries ``t * k + s`` of ``expert_idx`` [T, k] by expert, ascending within an expert;
+    entries with expert -1 are dropped."""
+    t, k = expert_idx.shape
+    buckets = [[] for _ in range(num_experts)]
+    for token in range(t):
+        for slot in range(k):
+            expert = int(expert_idx[token, slot])
+            if expert >= 0:
+                buckets[expert].append(token * k + slot)
+    permutation = [entry for bucket in buckets for entry in bucket]
+    offsets = [0]
+    for bucket in buckets:
+        offsets.append(offsets[-1] + len(bucket))
+    inverse = [-1] * (t * k)
+    for row, entry in enumerate(permutation):
+        inverse[entry] = row
+    return RoutePlanRef(
+        torch.tensor(permutation, dtype=torch.int64),
+        torch.tensor(offsets, dtype=torch.int64),
+        torch.tensor(inverse, dtype=torch.int64).view(t, k),
+    )

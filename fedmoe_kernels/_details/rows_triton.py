@@ -1,4 +1,5 @@
-"""Triton kernels of dispatch and combine: row gathers and per-token weighted sums, no atomics.
+"""Triton kernels of dispatch and combine (launched by :mod:`fedmoe_kernels._details.rows`): row gathers
+and per-token weighted sums, no atomics.
 
 ``gather`` copies token rows into grouped order, optionally scaled per row (dispatch; the gradient of
 combine for ``y``). ``combine`` sums, per token and in slot order, the (weighted) grouped rows of its kept

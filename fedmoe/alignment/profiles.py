@@ -1,4 +1,5 @@
-"""Client capacity profiles (DESIGN.md §4): what each client can hold, train and transfer in a round.
+"""Client profiles (docs/design.md, Alignment engine): what each client can hold, train and transfer in a
+round.
 
 Cost model of a round in which client ``i`` trains ``k`` experts (:class:`ModelCost` gives the sizes)::
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from fedmoe.alignment import _checks
 
-__all__ = ["DEFAULT_TIERS", "CapacityProfile", "ModelCost", "ProfileConfig", "Tier", "generate_profiles"]
+__all__ = ["DEFAULT_TIERS", "ClientProfile", "ModelCost", "ProfileConfig", "Tier", "generate_profiles"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ _REPORTED = ("compute", "memory", "bandwidth", "latency", "reliability", "sample
 _ESTIMATED = ("time_scale", "reliability_estimate")
 
 
-class CapacityProfile:
+class ClientProfile:
     """Per-client arrays (float64 [N]): ``compute`` (FLOP/s), ``memory`` (bytes), ``bandwidth`` (bytes/s),
     ``latency`` (s), ``reliability`` (self-reported probability of replying), ``samples`` (local training
     samples); ``tier`` (int64 [N], -1 if unknown). Estimated state: ``time_scale`` and
@@ -162,7 +163,7 @@ class CapacityProfile:
         n = (self.num_clients,)
         for name in (*_REPORTED, "tier", *_ESTIMATED):
             _checks.state_array(state, name, n, np.float64)  # presence and shape
-        fresh = CapacityProfile(**{name: state[name] for name in _REPORTED}, model=self.model,
+        fresh = ClientProfile(**{name: state[name] for name in _REPORTED}, model=self.model,
                                 config=self.config, tier=np.asarray(state["tier"]))
         scale = _checks.floats("state['time_scale']", state["time_scale"], n)
         rel = _checks.floats("state['reliability_estimate']", state["reliability_estimate"], n)
@@ -203,7 +204,7 @@ DEFAULT_TIERS = (
 
 
 def generate_profiles(num_clients: int, tiers=DEFAULT_TIERS, *, seed: int = 0,
-                      model: ModelCost | None = None, config: ProfileConfig | None = None) -> CapacityProfile:
+                      model: ModelCost | None = None, config: ProfileConfig | None = None) -> ClientProfile:
     """Heterogeneous profiles: ``round(fraction·N)`` clients per tier (fractions must sum to 1), shuffled;
     ``tier`` holds each client's index into ``tiers``. Same seed, same profiles."""
     num_clients = _checks.integer("num_clients", num_clients, 0)
@@ -222,4 +223,4 @@ def generate_profiles(num_clients: int, tiers=DEFAULT_TIERS, *, seed: int = 0,
     values = {f: median[f] * np.exp(spread * rng.standard_normal(num_clients)) for f in fields}
     values["samples"] = np.maximum(np.round(values["samples"]), 1)
     reliability = np.array([t.reliability for t in tiers])[tier]
-    return CapacityProfile(reliability=reliability, model=model, config=config, tier=tier, **values)
+    return ClientProfile(reliability=reliability, model=model, config=config, tier=tier, **values)

@@ -1,0 +1,56 @@
+"""The Flower ServerApp: :class:`~fedmoe.flower.FedMoEStrategy` on the run config's experiment
+(docs/flower.md, Server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedmoe.data import load_dataset
+from fedmoe.federated import model_cost, save_checkpoint
+from fedmoe.flower.records import OUT, federated_config
+from fedmoe.flower.strategy import FedMoEStrategy
+from fedmoe.models import build_model
+
+__all__ = ["server_app"]
+
+
+def server_app() -> ServerApp:
+    """A ServerApp running :class:`FedMoEStrategy` for ``federation.rounds`` rounds on the run config's
+    experiment: the initial model is built as fedmoe's own loop builds it, and the global model is
+    evaluated on the test set of ``[data] source`` after every round (the server loads only that dataset,
+    no client's data). With ``out`` set in the run config it writes ``OUT/result.json`` (config, node ->
+    client map, per-round reports with ``accuracy`` and ``loss``) and ``OUT/checkpoint.pt`` (the server
+    state, :meth:`fedmoe.federated.Server.state_dict`)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = federated_config(context.run_config)
+        seed = config.federation.seed
+        dataset = load_dataset(config.data.source, test_fraction=config.data.test_fraction, seed=seed)
+        model = build_model(config.model, dataset.spec, seed)
+        cost = model_cost(model, torch.from_numpy(dataset.x_train[:1]), config.train.epochs)
+        strategy = FedMoEStrategy(config, model, dataset.spec, cost=cost)
+        test = dataset.test_samples()
+
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            return MetricRecord(strategy.server.evaluate(test))
+
+        result = strategy.start(grid, evaluate_fn=evaluate)
+        out = context.run_config.get(OUT, "")
+        if out:
+            out = Path(str(out))
+            rounds = [{**report, **result.evaluate_metrics_serverapp.get(i + 1, {})}
+                      for i, report in enumerate(strategy.history)]
+            save_checkpoint(out / "checkpoint.pt", strategy.server.state_dict())
+            tmp = out / "result.json.tmp"
+            tmp.write_text(json.dumps({"config": config.to_dict(), "rounds": rounds,
+                                       "nodes": {str(n): c for n, c in strategy.nodes.items()}}, indent=1))
+            tmp.replace(out / "result.json")
+
+    return app

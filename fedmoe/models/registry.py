@@ -1,0 +1,58 @@
+"""The ``[model]`` section and the models it can build: ``kind`` picks one, the other options size it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedmoe.alignment import _checks
+from fedmoe.data import DataSpec
+from fedmoe.models.classifier import ClassificationTask, MoEClassifier
+from fedmoe.models.protocol import FederatedMoE, Task
+
+__all__ = ["MODEL_KINDS", "ModelConfig", "build_model", "build_task"]
+
+MODEL_KINDS = ("classifier",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``kind``: the model (``classifier``: :class:`~fedmoe.models.MoEClassifier`, a convolutional backbone
+    with ``channels`` per layer, then one MoE layer); ``num_experts`` E, ``top_k`` experts per token,
+    ``d_model`` token width, ``d_hidden`` expert hidden width."""
+
+    kind: str = "classifier"
+    num_experts: int = 8
+    top_k: int = 2
+    d_model: int = 32
+    d_hidden: int = 64
+    channels: tuple[int, ...] = (16, 32)
+
+    def __post_init__(self):
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"kind must be one of {list(MODEL_KINDS)}, got {self.kind!r}")
+        for name in ("num_experts", "top_k", "d_model", "d_hidden"):
+            _checks.integer(name, getattr(self, name), 1)
+        if self.top_k > min(8, self.num_experts):
+            raise ValueError(f"top_k must be <= min(8, num_experts) = {min(8, self.num_experts)}, "
+                             f"got {self.top_k}")
+        channels = tuple(self.channels) if isinstance(self.channels, list | tuple) else None
+        if not channels or not all(type(c) is int and c > 0 for c in channels):
+            raise ValueError(f"channels must be a non-empty sequence of positive ints, got {self.channels!r}")
+        object.__setattr__(self, "channels", channels)
+
+
+def build_model(config: ModelConfig, spec: DataSpec, seed: int) -> FederatedMoE:
+    """A freshly initialised model of ``config`` for data of ``spec``: the same (config, spec, seed) give
+    the same parameters; the global torch random state is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return MoEClassifier(spec.input_shape, spec.num_classes, d_model=config.d_model,
+                             d_hidden=config.d_hidden, num_experts=config.num_experts,
+                             channels=config.channels, top_k=config.top_k)
+
+
+def build_task(config: ModelConfig, spec: DataSpec) -> Task:
+    """The task that scores models of ``config`` on data of ``spec``."""
+    return ClassificationTask()
