@@ -26,8 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedmoe.data import load_dataset
-from fedmoe.federated import FederatedConfig
+from fedmoe.federated import FederatedConfig, load_data
 from fedmoe.federated.compare import compare_strategies, format_table, run_to_file, summarize, write_json
 from fedmoe.federated.sweep import METRICS, format_sweep, parse_axis, run_sweep
 from fedmoe.plots import plot_accuracy, plot_load_heatmap, plot_sweep
@@ -121,7 +120,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Federa
     except (TypeError, ValueError) as exc:
         parser.error(f"bad experiment option: {exc}")
     try:  # fail here, with the option named, rather than in every run
-        load_dataset(config.data.source, test_fraction=config.data.test_fraction, seed=config.federation.seed)
+        load_data(config)
     except (OSError, TypeError, ValueError) as exc:
         parser.error(f"--data {config.data.source!r}: {exc}")
     return config

@@ -78,3 +78,4 @@ def assert_plan_matches_reference(plan: RoutingPlan, expert_idx: torch.Tensor, n
 DTYPE_CASES = [(torch.float32, c) for c in CASES] + [
     (d, CASES[i]) for d in (torch.float16, torch.bfloat16, torch.float64) for i in (1, 3, 4, 7, 10)
 ]
+DTYPE_IDS = [f"{d}-{CASE_IDS[CASES.index(c)]}".removeprefix("torch.") for d, c in DTYPE_CASES]

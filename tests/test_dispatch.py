@@ -12,9 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from routing_cases import (
     BACKENDS,
-    CASE_IDS,
-    CASES,
     DTYPE_CASES,
+    DTYPE_IDS,
     assert_plan_matches_reference,
     make_expert_idx,
 )
@@ -30,7 +29,7 @@ from fedmoe_kernels.route import route_reference
 @pytest.mark.parametrize(
     ("dtype", "case"),
     DTYPE_CASES,
-    ids=[f"{d}-{CASE_IDS[CASES.index(c)]}".removeprefix("torch.") for d, c in DTYPE_CASES],
+    ids=DTYPE_IDS,
 )
 def test_dispatch_matches_reference(backend, dtype, case):
     t, h, k, e, pattern = case

@@ -31,6 +31,13 @@ def integer(name: str, value, lo: int = 0) -> int:
     return int(value)
 
 
+def boolean(name: str, value) -> bool:
+    """``value`` if it is a bool (ints rejected)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def indices(name: str, value, upper: int) -> np.ndarray:
     """1-D int64 array with every entry in [0, upper)."""
     arr = np.asarray(value)

@@ -52,9 +52,7 @@ class DriftConfig:
         _checks.real("shrink", self.shrink, 0.0, 1.0, hi_open=True)
         _checks.integer("warmup", self.warmup, 2)
         _checks.real("ema", self.ema, 0.0, 1.0, hi_open=True)
-        if not isinstance(self.rescore, bool):
-            raise TypeError(f"rescore must be a bool, got {self.rescore!r}")
-        if self.rescore and not self.threshold > 0:
+        if _checks.boolean("rescore", self.rescore) and not self.threshold > 0:
             raise ValueError("rescore needs the drift detector on (threshold > 0)")
 
     @property

@@ -56,8 +56,7 @@ class FitnessConfig:
     def __post_init__(self):
         if self.signal not in FITNESS_SIGNALS:
             raise ValueError(f"signal must be one of {list(FITNESS_SIGNALS)}, got {self.signal!r}")
-        if not isinstance(self.cold_start, bool):
-            raise TypeError(f"cold_start must be a bool, got {self.cold_start!r}")
+        _checks.boolean("cold_start", self.cold_start)
         _checks.real("ema (lambda)", self.ema, 0.0, 1.0, hi_open=True)
         _checks.real("decay (rho)", self.decay, 0.0, 1.0)
         _checks.real("prior", self.prior)

@@ -20,6 +20,8 @@ from fedmoe.federated.node import (
 from fedmoe.federated.runner import (
     FederatedRun,
     build_nodes,
+    initial_model,
+    load_data,
     partition_clients,
     rounds_to_target,
     run_experiment,
@@ -52,7 +54,9 @@ __all__ = [
     "compare_strategies",
     "format_table",
     "gate_affinity",
+    "initial_model",
     "load_checkpoint",
+    "load_data",
     "load_shared",
     "make_profiles",
     "model_cost",

@@ -28,6 +28,7 @@ command line a tuple (``model.channels``) is comma-separated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -84,8 +85,7 @@ class EvaluationConfig:
 
     def __post_init__(self):
         _checks.real("target_accuracy", self.target_accuracy, 0.0, 1.0)
-        if not isinstance(self.aligned, bool):
-            raise TypeError(f"aligned must be a bool, got {self.aligned!r}")
+        _checks.boolean("aligned", self.aligned)
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,9 @@ class FederatedConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self):
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):
-            kind = typing.get_type_hints(type(self))[f.name]
+            kind = hints[f.name]
             if not isinstance(getattr(self, f.name), kind):
                 got = type(getattr(self, f.name)).__name__
                 raise TypeError(f"{f.name} must be a {kind.__name__}, got {got}")
@@ -155,7 +156,7 @@ class FederatedConfig:
     @classmethod
     def options(cls) -> dict[str, Option]:
         """Every option by its dotted path, in section order."""
-        return _options(cls, "")
+        return dict(_tree_options(cls))
 
     def get(self, path: str):
         """The value at ``path`` (an option or a section)."""
@@ -184,7 +185,7 @@ class FederatedConfig:
         are. Options not given keep their value in ``base`` (default: the defaults)."""
         if not isinstance(flat, Mapping):
             raise TypeError(f"flat config must be a mapping, got {type(flat).__name__}")
-        options = cls.options()
+        options = _tree_options(cls)
         changes = {}
         for key, value in flat.items():
             path = _known(str(key).replace("-", "_"))
@@ -202,29 +203,46 @@ class FederatedConfig:
             node = tree
             for part in sections:
                 node = node[part]
-            node[name] = list(value) if isinstance(value, tuple) else value
+            node[name] = _plain(value)
         return type(self).from_dict(tree)
 
     def flat(self) -> dict[str, typing.Any]:
         """Option path -> value (None and tuples as in :meth:`to_dict`)."""
-        out = {}
-        for path in self.options():
-            value = self.get(path)
-            out[path] = "none" if value is None else list(value) if isinstance(value, tuple) else value
-        return out
+        return {path: _plain(self.get(path)) for path in _tree_options(type(self))}
 
 
 # ---------------------------------------------------------------------- tree walking
 
 
+_hints = functools.cache(typing.get_type_hints)
+
+
+@functools.cache
+def _tree_options(cls) -> dict[str, Option]:
+    """:meth:`FederatedConfig.options` (computed once; callers must not change it)."""
+    return _options(cls, "")
+
+
+@functools.cache
+def _section_paths(cls) -> frozenset[str]:
+    """The dotted path of every section of the tree (``alignment``, ``alignment.desirability``, ...)."""
+    parts = [path.split(".") for path in _tree_options(cls)]
+    return frozenset(".".join(p[:i]) for p in parts for i in range(1, len(p)))
+
+
+def _plain(value):
+    """An option's value as TOML / JSON hold it: None as "none", a tuple as a list."""
+    return "none" if value is None else list(value) if isinstance(value, tuple) else value
+
+
 def _sections(cls) -> dict[str, type]:
     """Field name -> section dataclass, for the fields of ``cls`` that are sections."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 
 def _options(cls, prefix: str) -> dict[str, Option]:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     sections = _sections(cls)
     out = {}
     for f in dataclasses.fields(cls):
@@ -245,9 +263,7 @@ def _options(cls, prefix: str) -> dict[str, Option]:
 
 def _known(path: str) -> str:
     """``path`` if it names an option or a section, else ValueError listing the known ones nearby."""
-    options = FederatedConfig.options()
-    sections = {p.rsplit(".", 1)[0] for p in options}
-    sections |= {p.rsplit(".", 2)[0] for p in options if p.count(".") > 1}
+    options, sections = _tree_options(FederatedConfig), _section_paths(FederatedConfig)
     if path in options or path in sections:
         return path
     parent = path.rsplit(".", 1)[0] if "." in path else ""
@@ -261,19 +277,12 @@ def _to_dict(obj) -> dict:
     out = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            value = _to_dict(value)
-        elif value is None:
-            value = "none"
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
+        out[f.name] = _to_dict(value) if dataclasses.is_dataclass(value) else _plain(value)
     return out
 
 
 def _build(cls, tree: Mapping, prefix: str):
     """``cls`` from the nested mapping ``tree`` whose path is ``prefix``."""
-    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     sections = _sections(cls)
     where = f"[{prefix[:-1]}]" if prefix else "the config"
@@ -289,10 +298,7 @@ def _build(cls, tree: Mapping, prefix: str):
                 raise TypeError(f"[{prefix}{name}] must be a table of options, got {type(value).__name__}")
             kwargs[name] = _build(sections[name], value, f"{prefix}{name}.")
             continue
-        hint = hints[name]
-        optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and \
-            type(None) in typing.get_args(hint)
-        if optional and isinstance(value, str):
+        if _tree_options(FederatedConfig)[prefix + name].optional and isinstance(value, str):
             if value.lower() != "none":
                 raise ValueError(f"{prefix}{name} must be a value or 'none', got {value!r}")
             value = None

@@ -30,8 +30,8 @@ from fedmoe.federated.server import Server
 from fedmoe.federated.simulation import Simulation, make_profiles, model_cost
 from fedmoe.models import build_model, build_task
 
-__all__ = ["CHECKPOINT_VERSION", "FederatedRun", "build_nodes", "partition_clients", "rounds_to_target",
-           "run_experiment"]
+__all__ = ["CHECKPOINT_VERSION", "FederatedRun", "build_nodes", "initial_model", "load_data",
+           "partition_clients", "rounds_to_target", "run_experiment"]
 
 CHECKPOINT_VERSION = 3  # 3: the config is the tree of sections
 
@@ -42,6 +42,13 @@ def rounds_to_target(accuracies, target: float) -> int | None:
     return int(hit[0]) + 1 if hit.size else None
 
 
+def load_data(config: FederatedConfig) -> Dataset:
+    """The dataset ``[data] source`` names, split at random by ``federation.seed`` where it has no test
+    set of its own."""
+    data = config.data
+    return load_dataset(data.source, test_fraction=data.test_fraction, seed=config.federation.seed)
+
+
 def partition_clients(config: FederatedConfig, dataset: Dataset) -> list[np.ndarray]:
     """The training indices of each of ``federation.num_clients`` clients, as ``[data]`` splits them."""
     data, federation = config.data, config.federation
@@ -50,19 +57,24 @@ def partition_clients(config: FederatedConfig, dataset: Dataset) -> list[np.ndar
                      seed=federation.seed)
 
 
+def initial_model(config: FederatedConfig, dataset: Dataset, cost: ModelCost | None = None):
+    """``(model, task, cost)``: the initial global model of ``config`` for ``dataset`` (seeded by
+    ``federation.seed``), its task and its cost (measured on one training sample unless given)."""
+    model = build_model(config.model, dataset.spec, config.federation.seed)
+    if cost is None:
+        cost = model_cost(model, torch.from_numpy(dataset.x_train[:1]), config.train.epochs)
+    return model, build_task(config.model, dataset.spec), cost
+
+
 def build_nodes(config: FederatedConfig, dataset: Dataset, cost: ModelCost | None = None):
     """The simulated population of ``config`` on ``dataset``: ``(parts, model, task, cost, truth, nodes)``
     with the client partitions, the initial global model, its task, its cost (measured unless given),
     the clients' true self-reported profiles (default planning config) and one :class:`Node` per client,
     all sharing one model workspace."""
-    seed = config.federation.seed
     parts = partition_clients(config, dataset)
-    model = build_model(config.model, dataset.spec, seed)
-    task = build_task(config.model, dataset.spec)
-    if cost is None:
-        cost = model_cost(model, torch.from_numpy(dataset.x_train[:1]), config.train.epochs)
+    model, task, cost = initial_model(config, dataset, cost)
     truth = make_profiles(np.array([p.size for p in parts], dtype=np.float64), cost, config.simulation.tiers,
-                          seed)
+                          config.federation.seed)
     workspace = copy.deepcopy(model)
     nodes = [Node(c, dataset.train_samples(p), workspace, task, config.train, NodeProfile.of(truth, c))
              for c, p in enumerate(parts)]
@@ -83,8 +95,7 @@ class FederatedRun:
             raise TypeError(f"config must be a FederatedConfig, got {type(config).__name__}")
         self.config = config
         seed = config.federation.seed
-        self.dataset = load_dataset(config.data.source, test_fraction=config.data.test_fraction, seed=seed) \
-            if dataset is None else dataset
+        self.dataset = load_data(config) if dataset is None else dataset
         self.parts, model, self.task, self.cost, truth, nodes = build_nodes(config, self.dataset, cost)
         # the server plans with the reported profiles, refined by observation; the simulation keeps the truth
         reported = profiles_of([node.profile for node in nodes], self.cost, config.profiles)

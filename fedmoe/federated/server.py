@@ -224,6 +224,15 @@ class Server:
         self.round += 1
         return self.report(plan, accepted, faults, rejected, reset, error)
 
+    @staticmethod
+    def _pairs(accepted: list[ClientUpdate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The accepted (client, expert) pairs, in reply order: ``(clients, experts)`` int and ``samples``
+        float64, the units routed to each expert."""
+        clients = np.concatenate([np.full(u.experts.size, u.client) for u in accepted] or [np.zeros(0, int)])
+        experts = np.concatenate([u.experts for u in accepted] or [np.zeros(0, int)])
+        samples = np.concatenate([u.feedback.samples for u in accepted] or [np.zeros(0)]).astype(np.float64)
+        return clients, experts, samples
+
     def filter_replies(self, plan: RoundPlan,
                        replies: Mapping[int, ClientReply]) -> tuple[list[ClientUpdate], Faults]:
         """The updates that can be aggregated, in payload order, and what was left out: replies that never
@@ -271,9 +280,7 @@ class Server:
         """Feed the accepted updates to the drift detector (on the feedback before training), the fitness
         table (on the ``fitness.signal`` feedback) and the expert load, and every payload's reply time
         ``seconds`` to the profiles. Returns the drift detector's ``(reset clients, fitness error)``."""
-        clients = np.concatenate([np.full(u.experts.size, u.client) for u in accepted] or [np.zeros(0, int)])
-        experts = np.concatenate([u.experts for u in accepted] or [np.zeros(0, int)])
-        samples = np.concatenate([u.feedback.samples for u in accepted] or [np.zeros(0)]).astype(np.float64)
+        clients, experts, samples = self._pairs(accepted)
         before = np.concatenate([u.feedback_before.fitness() for u in accepted] or [np.zeros(0)])
         values = before if self.config.fitness.signal == "before" else np.concatenate(
             [u.feedback.fitness() for u in accepted] or [np.zeros(0)])
@@ -300,8 +307,7 @@ class Server:
         deadline = self.config.federation.deadline
         arrived = faults.seconds[np.isfinite(faults.seconds)]
         missed = deadline is not None and (faults.dropped or faults.late)
-        experts = np.concatenate([u.experts for u in accepted] or [np.zeros(0, int)])
-        samples = np.concatenate([u.feedback.samples for u in accepted] or [np.zeros(0)]).astype(np.float64)
+        _, experts, samples = self._pairs(accepted)
         fresh = self._rescored(accepted)
         return RoundReport(
             round=plan.round, selected=plan.selected.tolist(),

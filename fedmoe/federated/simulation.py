@@ -79,8 +79,7 @@ class SimulationConfig:
         if self.tiers not in TIERS:
             raise ValueError(f"tiers must be one of {list(TIERS)}, got {self.tiers!r}")
         _checks.real("availability", self.availability, 0.0, 1.0, lo_open=True)
-        if not isinstance(self.dropout, bool):
-            raise TypeError(f"dropout must be a bool, got {self.dropout!r}")
+        _checks.boolean("dropout", self.dropout)
         _checks.real("dropout_rate", self.dropout_rate, 0.0, 1.0, hi_open=True)
         _checks.real("corrupt", self.corrupt, 0.0, 1.0)
         _checks.real("profile_error", self.profile_error, 0.0, 1.0, hi_open=True)

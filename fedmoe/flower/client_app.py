@@ -25,12 +25,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedmoe.alignment import ModelCost
-from fedmoe.data import DataSpec, Samples, load_dataset, load_npz
+from fedmoe.data import DataSpec, Samples, load_npz
 from fedmoe.federated import (
     ClientPayload,
     FederatedConfig,
     Node,
     NodeProfile,
+    load_data,
     make_profiles,
     model_cost,
     partition_clients,
@@ -73,8 +74,7 @@ def _data(config: FederatedConfig, node_config, client: int) -> tuple[Samples, n
         own = load_npz(str(node_config["data-path"]), test_fraction=config.data.test_fraction,
                        seed=config.federation.seed)
         return own.train_samples(), None
-    dataset = load_dataset(config.data.source, test_fraction=config.data.test_fraction,
-                           seed=config.federation.seed)
+    dataset = load_data(config)
     parts = partition_clients(config, dataset)
     return dataset.train_samples(parts[client]), np.array([p.size for p in parts], dtype=np.float64)
 

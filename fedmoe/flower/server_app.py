@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedmoe.data import load_dataset
-from fedmoe.federated import model_cost, save_checkpoint
+from fedmoe.federated import initial_model, load_data, save_checkpoint
 from fedmoe.flower.records import OUT, federated_config
 from fedmoe.flower.strategy import FedMoEStrategy
-from fedmoe.models import build_model
 
 __all__ = ["server_app"]
 
@@ -31,11 +28,9 @@ def server_app() -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = federated_config(context.run_config)
-        seed = config.federation.seed
-        dataset = load_dataset(config.data.source, test_fraction=config.data.test_fraction, seed=seed)
-        model = build_model(config.model, dataset.spec, seed)
-        cost = model_cost(model, torch.from_numpy(dataset.x_train[:1]), config.train.epochs)
-        strategy = FedMoEStrategy(config, model, dataset.spec, cost=cost)
+        dataset = load_data(config)
+        model, task, cost = initial_model(config, dataset)
+        strategy = FedMoEStrategy(config, model, dataset.spec, task=task, cost=cost)
         test = dataset.test_samples()
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:

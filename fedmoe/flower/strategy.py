@@ -27,6 +27,7 @@ from fedmoe.federated import (
     ClientReply,
     ClientUpdate,
     FederatedConfig,
+    NodeProfile,
     RoundPlan,
     Server,
     model_cost,
@@ -260,7 +261,7 @@ class FedMoEStrategy(Strategy):
             raise ValueError(f"partition-id must be an int in [0, {n}), got {client!r}")
         values = {field: profile[key] for key, field in PROFILE_KEYS.items()}
         values["samples"] = profile["samples"]
-        ClientProfile(**{k: [v] for k, v in values.items()})  # checks them, naming a bad one
+        NodeProfile(**values)  # checks them, naming a bad one
         row = None
         if cold:
             row = msg.content.array_records["affinity"]["affinity"].numpy()
