@@ -17,7 +17,7 @@ clients, and the detector's firings among drifted and other clients. Summaries: 
 clients over the ``--window`` rounds after the drift, rounds until it is back within 0.02 of its pre-drift
 level, detection rate (drifted clients fired within the window, over those that reported) and false alarms.
 
-    python benchmarks/drift_alignment.py           # 5,000 x 512, 60 rounds, 5 seeds (~2 min)
+    python benchmarks/drift_alignment.py           # 5,000 x 512, 60 rounds, 5 seeds (~80 s)
     python benchmarks/drift_alignment.py --quick   # 1,000 x 128, 30 rounds, 2 seeds
 
 Writes ``benchmarks/results/drift_alignment[_quick].json`` and ``drift_alignment[_quick]_regret.png``.

@@ -1,4 +1,4 @@
-"""Validation check 1 of the paper (issue 9): end to end, Dirichlet(0.1) non-IID, random vs greedy vs
+"""Validation check 1 of the paper: end to end, Dirichlet(0.1) non-IID, random vs greedy vs
 load-balanced vs optimal alignment: final accuracy, rounds to the target, per-expert usage over rounds.
 
 Scenarios (each: 10 clients per round, 8 experts, heterogeneous tiers, 4 s deadline, drop-outs):

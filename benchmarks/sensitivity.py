@@ -1,4 +1,4 @@
-"""Validation check 2 of the paper (issue 9): sensitivity of load-balanced alignment to the fitness EMA
+"""Validation check 2 of the paper: sensitivity of load-balanced alignment to the fitness EMA
 factor (0.7-0.99), the desirability weights (fitness/load 0.3/0.7 to 0.7/0.3) and the capacity safety
 margin (10-50%), as a full grid over seeds (``fedmoe sweep`` with a fixed grid).
 
@@ -7,7 +7,7 @@ drop-outs, 30 rounds, target accuracy 0.7, and self-reported capacities off by u
 (``simulation.profile_error = 0.3``), so that the safety margin has something to protect against: a client
 given more experts than its true memory holds fails the round.
 
-    python benchmarks/sensitivity.py             # 3 x 3 x 3 grid x 3 seeds (81 runs, ~15 min on 2 cores)
+    python benchmarks/sensitivity.py             # 3 x 3 x 3 grid x 3 seeds (81 runs, ~4 min on 2 workers)
     python benchmarks/sensitivity.py --quick     # 2 x 2 x 2 grid x 1 seed x 4 rounds
 
 The same sweep from the command line::

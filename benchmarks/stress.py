@@ -1,4 +1,4 @@
-"""Validation check 3 of the paper (issue 9): stress tests.
+"""Validation check 3 of the paper: stress tests.
 
 * ``dropout``: 20% of the assigned clients drop out mid-round (``simulation.dropout_rate = 0.2``, tier
   drop-outs off) against none, for the four strategies.
