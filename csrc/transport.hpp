@@ -40,7 +40,10 @@ class Transport {
     list_off_.assign(R_ + 1, 0);
     hold_off_.assign(R_ + 1, 0);
     for (int64_t r = 0; r < R_; ++r) {
-      list_off_[r + 1] = list_off_[r] + std::min<int64_t>(E_, P.c[r] + std::max(extra, kSolverOptions.longest_extra));
+      // room for the selected list, and for rescans that double it up to c_r + max(extra, longest_extra)
+      const int64_t selected = C.off[r + 1] - C.off[r];
+      const int64_t grown = P.c[r] + std::max(extra, kSolverOptions.longest_extra);
+      list_off_[r + 1] = list_off_[r] + std::min<int64_t>(E_, std::max(selected, grown));
       hold_off_[r + 1] = hold_off_[r] + P.c[r];
     }
     list_.resize(list_off_[R_]);

@@ -74,3 +74,17 @@ def test_select_rows_rejects_bad_shapes():
         _assign.select_rows(np.zeros(4, np.float32), np.zeros(4, np.float32), 1)
     with pytest.raises(ValueError, match="E entries"):
         _assign.select_rows(np.zeros((2, 4)), np.zeros(3), 1)
+
+
+@pytest.mark.parametrize("shape, candidates",
+                         [((500, 80), 33), ((500, 80), 40), ((600, 512), 33), ((300, 256), 200)])
+def test_long_candidate_lists_fit_the_auction(shape, candidates):
+    """The saturating auction starts from lists of c + 2*candidates experts; with candidates > 32 they used
+    to overrun the room reserved for them (c + max(candidates, 64)) and corrupt the heap."""
+    from fedmoe_kernels import assign
+
+    scores = np.random.default_rng(shape[0]).random(shape, dtype=np.float32)
+    a = assign(scores, 2, None, candidates=candidates)
+    b = assign(scores, 2, None)
+    assert a.certificate.certified and a.certificate.method == "auction"
+    assert a.objective == pytest.approx(b.objective, abs=1e-9 * shape[0])
