@@ -25,9 +25,17 @@ timed.
   a verdict pass, then the aggregation pass), each against a measured device-to-device copy roof; ratios to
   the baselines.
 
-    python benchmarks/bench_aggregate.py [--quick] [--threads N] [--out-dir benchmarks/results]
+* CPU, robust statistics (``--robust``, instead of the sections above): the same kind of input on shapes
+  from a few to a hundred rows per expert; ``aggregate`` with ``method="median"`` and ``"trimmed-mean"``
+  (``trim=0.1``) against ``"mean"`` on the same rows, and against per-expert loops (``torch.quantile(rows,
+  0.5, dim=0)``, the same median; ``torch.median``, the lower median, a different statistic for even
+  counts; a sort and the mean of the middle rows, the same trimmed mean). Each fused statistic is checked
+  against its loop before it is timed; interleaved rounds, median CPU time.
 
-Writes ``aggregate_cpu[_threadsN][_quick].json`` and, on a GPU, ``aggregate_gpu[_quick].json``.
+    python benchmarks/bench_aggregate.py [--quick] [--robust] [--threads N] [--out-dir benchmarks/results]
+
+Writes ``aggregate_cpu[_threadsN][_quick].json`` and, on a GPU, ``aggregate_gpu[_quick].json``; with
+``--robust``, ``aggregate_robust_cpu[_threadsN][_quick].json``.
 """
 
 from __future__ import annotations
@@ -59,6 +67,12 @@ SHORT_ROW_METHODS = ("loop", "state_dict", "fused", "fused_inplace")
 GPU_SHAPES = {"full": [(64, 100_000, 512), (256, 100_000, 512)], "quick": [(256, 10_000, 512)]}
 BASELINES = ("loop", "state_dict")
 METHODS = ("loop", "state_dict", "fused", "fused_inplace", "fused_clip", "streaming")
+# robust statistics: (E, P, M), from about 8 to 128 rows per expert
+ROBUST_SHAPES = {
+    "full": [(64, 100_000, 512), (256, 1_000, 4_096), (16, 10_000, 2_048), (1_024, 100, 16_384)],
+    "quick": [(16, 1_000, 256)],
+}
+TRIM = 0.1
 
 
 # ---------------------------------------------------------------- problem and methods
@@ -187,20 +201,27 @@ def measure_peak(method: str, shape: tuple[int, int, int]) -> int:
     return _status_bytes("VmHWM") - before
 
 
+def timed(fns: dict, rounds: int) -> tuple[dict, dict]:
+    """Wall and CPU seconds of each of ``fns``, ``rounds`` times each, interleaved so that load from other
+    processes hits every method alike."""
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return wall, cpu
+
+
 def cpu_section(quick: bool, threads: int, rounds: int) -> dict:
     shape = SHAPES["quick" if quick else "full"]
     num_experts, p, m = shape
     pb = make_problem(*shape, "cpu")
     fns = methods(pb)
     diffs = check(pb, fns)
-    wall = {name: [] for name in fns}
-    cpu = {name: [] for name in fns}
-    for _ in range(rounds):  # interleaved, so that load from other processes hits every method alike
-        for name, fn in fns.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            cpu[name].append(time.process_time() - c0)
-            wall[name].append(time.perf_counter() - w0)
+    wall, cpu = timed(fns, rounds)
     rows_bytes = pb["rows"].numel() * pb["rows"].element_size()
     results = {}
     for name in fns:
@@ -234,14 +255,7 @@ def short_rows_section(quick: bool, rounds: int) -> list[dict]:
         pb = make_problem(*shape, "cpu")
         fns = {name: fn for name, fn in methods(pb).items() if name in SHORT_ROW_METHODS}
         diffs = check(pb, fns)
-        wall = {name: [] for name in fns}
-        cpu = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                w0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                cpu[name].append(time.process_time() - c0)
-                wall[name].append(time.perf_counter() - w0)
+        wall, cpu = timed(fns, rounds)
         results = {
             name: {
                 "wall_ms_median": 1e3 * statistics.median(wall[name]),
@@ -262,6 +276,84 @@ def short_rows_section(quick: bool, rounds: int) -> list[dict]:
                 for base in BASELINES
                 for name in ("fused", "fused_inplace")
             },
+        })
+    return configs
+
+
+# ---------------------------------------------------------------- CPU, robust statistics
+
+
+def per_expert(rows, experts, base, statistic):
+    """Loop over the experts: ``statistic`` of each one's rows ([n, P] -> [P]); experts without rows keep
+    base."""
+    new = base.clone()
+    for e in range(base.shape[0]):
+        idx = torch.nonzero(experts == e).squeeze(1)
+        if idx.numel():
+            new[e] = statistic(rows[idx])
+    return new
+
+
+def trimmed(x: torch.Tensor) -> torch.Tensor:
+    cut = int(TRIM * x.shape[0])
+    return torch.sort(x, dim=0).values[cut : x.shape[0] - cut].mean(dim=0)
+
+
+def robust_methods(pb: dict) -> dict:
+    rows, experts, weights, base = pb["rows"], pb["experts"], pb["weights"], pb["base"]
+
+    def fused(**kw):
+        return lambda: aggregate(rows, experts, weights, base.shape[0], base, **kw).bank
+
+    return {
+        "fused_mean": fused(),
+        "fused_median": fused(method="median"),
+        "fused_trimmed": fused(method="trimmed-mean", trim=TRIM),
+        "loop_quantile": lambda: per_expert(rows, experts, base, lambda x: torch.quantile(x, 0.5, dim=0)),
+        "loop_median": lambda: per_expert(rows, experts, base, lambda x: torch.median(x, dim=0).values),
+        "loop_trimmed": lambda: per_expert(rows, experts, base, trimmed),
+    }
+
+
+ROBUST_CHECKS = {"fused_median": "loop_quantile", "fused_trimmed": "loop_trimmed"}
+
+
+def robust_section(quick: bool, rounds: int) -> list[dict]:
+    """Median CPU (and wall) time of the fused robust statistics, the fused mean and the loops."""
+    configs = []
+    for shape in ROBUST_SHAPES["quick" if quick else "full"]:
+        pb = make_problem(*shape, "cpu")
+        fns = robust_methods(pb)
+        diffs = {}
+        for name, against in ROBUST_CHECKS.items():
+            got, want = fns[name](), fns[against]()
+            diffs[name] = float((got - want).abs().max())
+            if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+                raise AssertionError(f"{name} disagrees with {against} by {diffs[name]}")
+        wall, cpu = timed(fns, rounds)
+        num_experts, p, m = shape
+        counts = torch.bincount(pb["experts"], minlength=num_experts).tolist()
+        results = {
+            name: {
+                "wall_ms_median": 1e3 * statistics.median(wall[name]),
+                "wall_ms_best": 1e3 * min(wall[name]),
+                "cpu_ms_median": 1e3 * statistics.median(cpu[name]),
+            }
+            for name in fns
+        }
+        ratio = {  # baseline / fused, median CPU time
+            "loop_quantile_over_fused_median": ("loop_quantile", "fused_median"),
+            "loop_median_over_fused_median": ("loop_median", "fused_median"),
+            "loop_trimmed_over_fused_trimmed": ("loop_trimmed", "fused_trimmed"),
+            "fused_median_over_fused_mean": ("fused_median", "fused_mean"),
+            "fused_trimmed_over_fused_mean": ("fused_trimmed", "fused_mean"),
+        }
+        configs.append({
+            "E": num_experts, "P": p, "M": m, "dtype": "float32", "trim": TRIM, "rounds": rounds,
+            "rows_per_expert": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)},
+            "max_abs_diff": diffs, "results": results,
+            "ratios": {key: results[a]["cpu_ms_median"] / results[b]["cpu_ms_median"]
+                       for key, (a, b) in ratio.items()},
         })
     return configs
 
@@ -319,6 +411,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    parser.add_argument("--robust", action="store_true", help="only the robust statistics (CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds on CPU")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
@@ -331,12 +424,19 @@ def main() -> None:
         print(measure_peak(args.peak, tuple(args.shape)))
         return
     suffix = "_quick" if args.quick else ""
+    threads = f"_threads{args.threads}" if args.threads else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"machine": device_info(f"cpu: {cpu_model()}")}
+    if args.robust:
+        report["robust"] = robust_section(args.quick, max(3, args.rounds // 2))
+        report["machine"]["load_average_at_end"] = list(os.getloadavg())
+        path = args.out_dir / f"aggregate_robust_cpu{threads}{suffix}.json"
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")
+        return
     report["cpu"] = cpu_section(args.quick, torch.get_num_threads(), args.rounds)
     report["short_rows"] = short_rows_section(args.quick, max(3, args.rounds // 2))
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
-    threads = f"_threads{args.threads}" if args.threads else ""
     path = args.out_dir / f"aggregate_cpu{threads}{suffix}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")

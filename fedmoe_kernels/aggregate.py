@@ -1,5 +1,6 @@
-"""``aggregate``: fused per-expert weighted aggregation (docs/design.md, Ops), in one batch or streamed as
-replies arrive. :func:`aggregate_reference` is the loop reference.
+"""``aggregate``: fused per-expert aggregation (docs/design.md, Ops) by weighted mean, coordinate-wise
+median or trimmed mean, in one batch, or (the mean) streamed as replies arrive. :func:`aggregate_reference`
+is the loop reference.
 
 Each of the M received rows is one updated copy of one expert, flattened to P values. For every expert
 ``e`` the new value is computed over its *accepted* rows ``m`` (those whose values are all finite once
@@ -8,33 +9,52 @@ converted to the accumulation dtype; the others are rejected and counted, never 
     d_m  = row_m - base[e]                                   # the row's delta
     s_m  = min(1, max_norm / ||d_m||_2)                      # clipping (1 without max_norm)
     W_e  = sum_m w_m
-    new  = base[e] + lr * sum_m w_m * s_m * d_m / W_e        # if W_e > 0, else base[e]
+    new  = base[e] + lr * sum_m w_m * s_m * d_m / W_e        # "mean", if W_e > 0, else base[e]
+    new  = base[e] + lr * robust_m(s_m * d_m)                # "median", "trimmed-mean"
 
-With ``lr = 1`` and no clipping that is the weighted mean ``sum w row / sum w``; with clipping it is the
+With ``lr = 1`` and no clipping the mean is the weighted mean ``sum w row / sum w``; with clipping it is the
 weighted mean of the clipped rows ``base + s * d``; ``lr`` is a server step on ``mean - base``. An expert
 with no accepted rows, or whose accepted weights sum to zero, keeps ``base``. Weights must be finite and
-``>= 0`` (integer sample counts are fine).
+``>= 0`` (integer sample counts are fine). The robust statistics are unweighted, column by column, over
+the accepted rows of positive weight (a weight of 0 leaves a row out; it still counts as accepted): the
+median (numpy's: the mean of the two middle values of an even count) or the trimmed mean (sorted, ``int(trim
+* n)`` of the ``n`` values cut at each end and the rest averaged, as ``scipy.stats.trim_mean``). Either is
+the mean of the values of a window of ranks ``[lo, hi)``, taken as ``sum_r v_r * (1 / k)`` (``k = hi -
+lo``, ``1 / k`` rounded to the accumulation dtype; exact for the median), which cannot overflow. With
+``lr = 1`` and no clipping, ``base + median(row - base)`` is the median of the rows up to rounding.
+
+Overflow. An expert whose new value is not finite in the dtype of ``base`` although its accepted rows are
+(for instance ``lr * (mean - base)`` beyond the range of the bank, or deltas ``row - base`` beyond that of
+the accumulation dtype) keeps ``base``, and all its rows count as rejected (``accepted`` 0, ``weight_sum``
+0): no infinity or NaN is ever written, in place or not. Each path decides before it writes: torch
+computes a block of experts' new values in a buffer and checks them (a reduction or two), Triton writes the
+experts that a bound shows safe (``_surely_finite``, from each row's largest ``|value|`` found in the
+verdict pass, and ``lr``) straight into the bank, and the others (values near the top of the range) into a
+scratch first, copied into the bank where finite. The reference computes in float64 and checks only
+the final value, so where a delta overflows the accumulation dtype it may keep an expert that the fast
+paths drop.
 
 Dtypes. Rows may be float16, bfloat16, float32 or float64, independently of the bank ``base`` (same
 choice). Sums are accumulated in float64 when the bank is float64, else in float32; the result is written
 in the bank's dtype (rounded to nearest). A float64 value beyond float32 range in a row aggregated into a
 float32 bank is not finite in the accumulation dtype: the row is rejected. ``base`` must be finite.
-Weight sums are float64. Each weight is scaled by a power of two per expert (so that the largest is in
-``[0.5, 1)``) before it multiplies a delta: any finite weights work, and the result is the same as
-without the scaling (powers of two commute with rounding) unless values underflow.
+Weight sums are float64. Each weight is scaled by a power of two per expert (so that the accepted weights
+sum to ``[1/2, 1)``) before it multiplies a delta: any finite weights work, the weighted sums stay within
+the largest ``|delta|`` (no overflow on the way), and the result is the same as without the scaling
+(powers of two commute with rounding) unless values underflow. Where ``lr / W`` itself overflows (``lr``
+near the top of the range), ``lr / (2 W)`` multiplies twice the sum, with the same bits.
 
 Determinism. Per element, the rows of an expert are summed sequentially in ascending row order (a
 stable grouping; no atomics), so the same call gives the same bits. The streaming :class:`Accumulator`
 adds rows in the order they arrive; fed the rows of a batch in that order (in any number of ``add``
 calls) it gives bitwise the batch result of the same backend, unless a power-of-two rescale pushes values
-into subnormals, or an expert's sums overflow at the scale of the weights seen so far (before a later,
-larger weight scales them down; the batch, scaled by its largest weight from the start, may stay finite,
-and the stream then gives that expert a non-finite value); fed in another order, it agrees to float32
-rounding. The two backends agree to float32
-rounding: Triton sums ``c * (row - base)``, torch sums ``c * row`` and subtracts ``(sum c) * base`` at the
-end (``c = w * s``), which spares it a gather of ``base`` per row. On torch each term is rounded (``c *
-row`` in the accumulation dtype) and then added, in either of its two ways of summing (below), so the way
-taken does not change the bits: it is chosen for speed alone.
+into subnormals; fed in another order, it agrees to float32 rounding. The two backends agree to float32
+rounding (and may differ on which experts overflow, at the top of the range): Triton sums ``c * (row -
+base)``, torch sums ``c * row`` and subtracts ``(sum c) * base`` at the end (``c = w * s``), which spares
+it a gather of ``base`` per row. On torch each term is rounded (``c * row`` in the accumulation dtype) and
+then added, in either of its two ways of summing (below), so the way taken does not change the bits: it
+is chosen for speed alone. The robust statistics sum their window in rank order on torch (whatever the
+number of threads), in a tree on Triton.
 
 Passes. Neither backend converts or copies the rows whole.
 torch (the CPU default): a block of experts at a time (as many as keep their ``[n, P]`` sums within 4 MiB,
@@ -47,14 +67,19 @@ no copy; MKL's on Linux), taken only if a bitwise check at first use finds that 
 rows when the block has every row, else gathered) at a time: scaled into a reused buffer and added with one
 ``index_add_`` (which the product beats on long rows, and loses to on short ones). Without clipping, and
 unless float64 rows meet a float32 bank, that reads the rows once: every row is taken as accepted, and as a
-sum with a value that is not finite in it is not finite, only the experts whose sums are not finite (a bad
-row, or finite values whose sum overflows) are left unwritten, given per-row verdicts and summed again over
-their accepted rows. Clipping (the deltas' norms) and float64 rows for a float32 bank (values beyond float32
-range) need the verdicts first: a pass over whole rows about 1 MiB at a time (converted; deltas and norms),
-then the sums, so two reads.
+sum with a value that is not finite in it is not finite, only the experts whose new values are not finite
+(a bad row, or an overflow) are left unwritten, given per-row verdicts, their weights scaled again over
+their accepted rows, and summed again over those rows. Clipping (the deltas' norms) and float64 rows for a
+float32 bank (values beyond float32 range) need the verdicts first: a pass over whole rows about 1 MiB at a
+time (converted; deltas and norms), then the sums, so two reads. The robust statistics need the verdicts
+first too; then the experts with the same number of rows go together (a Python loop over the distinct
+counts, not the experts), a block of them at a time (results within 4 MiB), gathered as scaled deltas
+``[experts, columns, rows]`` about 2 MiB at a time, sorted along the rows and averaged over the window.
 Triton (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``): a verdict launch (finiteness, clipping
-norms), then one launch over (column block, expert) that sums in registers and reads and writes the bank
-once; see :mod:`fedmoe_kernels._details.aggregate_triton`. The streaming form gives each added batch its
+norms, largest values), then one launch over (column block, expert): the mean sums in registers and reads
+and writes the bank once; the robust statistics sort a tile of up to ``ROBUST_MAX_M`` (256) rows in
+registers (experts with more rows take the torch path); see :mod:`fedmoe_kernels._details.aggregate_triton`.
+The streaming form (the mean only: the robust statistics need every row at once) gives each added batch its
 verdicts first (on torch a second read, of rows likely still in cache), keeps ``[E, P]`` sums (that is its
 O(E*P) memory; on torch each batch is added to them in tiles, where they lie) and writes the bank in
 :meth:`Accumulator.result`.
@@ -67,23 +92,27 @@ Out of place, ``out`` (a new tensor by default) receives ``base`` for the expert
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import numbers
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from fedmoe_kernels._backend import resolve
 
-__all__ = ["Accumulator", "AggregateRef", "AggregateResult", "aggregate", "aggregate_reference"]
+__all__ = ["METHODS", "Accumulator", "AggregateRef", "AggregateResult", "aggregate", "aggregate_reference"]
 
+METHODS = ("mean", "median", "trimmed-mean")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHUNK_BYTES = 1 << 20  # torch path: bytes of rows per tile, and per step of the verdict pass over rows
 _BLOCK_BYTES = 1 << 22  # torch path: bytes of the sums of the experts summed side by side (a block)
 _LONG_BLOCK_BYTES = 1 << 20  # the same for rows of _PRODUCT_BYTES or more
 _PRODUCT_BYTES = 1 << 17  # torch path: rows this long or longer (accumulation dtype) are summed by a product
+_SORT_BYTES = 1 << 21  # torch robust path: bytes of scaled deltas (accumulation dtype) sorted at a time
 _K_NONE = -1100  # weight exponent of an expert that has seen no positive weight (below any float64's)
 
 
@@ -93,7 +122,8 @@ class AggregateResult:
 
     - ``bank``: [E, P] in the dtype of ``base``; the ``out`` tensor (``base`` itself when in place).
     - ``accepted``: int64 [E], rows averaged in per expert (zero-weight rows included).
-    - ``rejected``: int64 [E], rows with a non-finite value per expert.
+    - ``rejected``: int64 [E], rows with a non-finite value per expert, and every row of an expert whose
+      new value overflowed.
     - ``weight_sum``: float64 [E], the sum of the accepted rows' weights.
     """
 
@@ -115,14 +145,30 @@ def _check_base(base) -> None:
         raise ValueError(f"base must be [E, P] with E >= 1 and P >= 1, got shape {tuple(base.shape)}")
     if base.shape[0] > 65535:
         raise ValueError(f"base may have at most 65535 experts (rows), got {base.shape[0]}")
+    total = base.sum(dtype=_acc_dtype(base))  # not finite if a value is not (or if finite values overflow)
+    if not (bool(torch.isfinite(total)) or bool(torch.isfinite(base).all())):
+        raise ValueError("base must be finite, found a NaN or an infinity")
+
+
+def _check_method(method, trim) -> float:
+    """``trim`` as a float, checked with ``method``."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    trim = _check_real(trim, "trim", positive=False)
+    if not 0.0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    if trim and method != "trimmed-mean":
+        raise ValueError(f"trim applies to method='trimmed-mean' only, got trim={trim} with {method!r}")
+    return trim
 
 
 def _check_real(value, name: str, *, positive: bool) -> float:
+    """``value`` as a float, finite and ``> 0`` (``positive``) or ``>= 0``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {value}")
     return value
 
 
@@ -210,21 +256,37 @@ def _ldexp(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_weights(
-    k_old: torch.Tensor, experts: torch.Tensor, w: torch.Tensor
+    k_old: torch.Tensor, wsum_old: torch.Tensor, experts: torch.Tensor, w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-expert power-of-two weight scales, raised to cover a new batch.
 
-    ``k_old`` (int64 [E]) holds each expert's exponent so far (``_K_NONE``: no positive weight yet). Returns
-    the new exponents ``k`` (the largest scaled weight of an expert is below 1), the factors by which
-    sums taken at the old exponents must be multiplied (float64 [E], powers of two <= 1) and the batch's
-    weights divided by ``2**k`` of their experts (float64 [M]).
+    ``k_old`` (int64 [E]) holds each expert's exponent so far (``_K_NONE``: no positive weight yet) and
+    ``wsum_old`` (float64 [E]) its weight sum so far divided by ``2**k_old``; ``w`` (float64 [M]) the batch's
+    weights (0 for rejected rows). Returns the new exponents ``k`` (each expert's weight sum, old and new,
+    divided by ``2**k`` lies in ``[1/2, 1)``, up to rounding), the factors by which sums taken at the old
+    exponents must be multiplied (float64 [E], powers of two <= 1) and the batch's weights divided by
+    ``2**k`` of their experts (float64 [M]).
     """
     wmax = torch.zeros(k_old.shape, dtype=torch.float64, device=w.device)
     wmax.scatter_reduce_(0, experts, w, "amax")
-    k_batch = torch.where(wmax > 0, torch.frexp(wmax).exponent.long(), _K_NONE)
-    k = torch.maximum(k_old, k_batch)
-    rescale = torch.where(k_old == _K_NONE, 1.0, _ldexp(torch.ones_like(wmax), (k_old - k).clamp(min=-2044)))
+    k_top = torch.maximum(k_old, torch.where(wmax > 0, torch.frexp(wmax).exponent.long(), _K_NONE))
+    seen = k_old != _K_NONE
+    total = torch.where(seen, _ldexp(wsum_old, (k_old - k_top).clamp(min=-2044)), 0.0)  # at scale 2**k_top:
+    total.index_add_(0, experts, _ldexp(w, -k_top[experts]))  # each term below 1, the total at least 1/2
+    k = torch.where(wmax > 0, k_top + torch.frexp(total).exponent.long(), k_old)  # no new weight: as it was
+    rescale = torch.where(seen, _ldexp(torch.ones_like(wmax), (k_old - k).clamp(min=-2044)), 1.0)
     return k, rescale, _ldexp(w, -k[experts])
+
+
+def _scale_batch(
+    experts: torch.Tensor, w: torch.Tensor, ok: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_scale_weights`` of a batch on its own, over its accepted rows (``ok``, bool [M]): the exponents
+    (int64 [E]) and the scaled weights (float64 [M], 0 for rejected rows)."""
+    k_none = torch.full((num_experts,), _K_NONE, dtype=torch.int64, device=w.device)
+    no_sums = torch.zeros(num_experts, dtype=torch.float64, device=w.device)
+    k, _, wscaled = _scale_weights(k_none, no_sums, experts, torch.where(ok, w, 0.0))
+    return k, wscaled
 
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:
@@ -255,26 +317,29 @@ def _converts(rows: torch.Tensor, acc: torch.dtype) -> bool:
 
 
 def _torch_verdicts(
-    rows: torch.Tensor, experts: torch.Tensor, wscaled: torch.Tensor, base: torch.Tensor, acc: torch.dtype,
-    max_norm: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A pass over the rows: ``ok`` (bool [M]) and the coefficients ``c = w' * s`` ([M], ``acc``; 0 for
-    rejected rows). One reduction over all rows, or whole rows a few at a time (about 1 MiB) where they
-    must be converted (float64 rows, float32 sums) or clipped (the deltas' norms)."""
+    rows: torch.Tensor, experts: torch.Tensor, base: torch.Tensor, acc: torch.dtype, max_norm: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A pass over the rows: ``ok`` (bool [M]) and the clipping factors ``s`` (float64 [M]; None without
+    clipping; meaningless for rejected rows). One reduction over all rows, or whole rows a few at a time
+    (about 1 MiB) where they must be converted (float64 rows, float32 sums) or clipped (the norms)."""
     m, p = rows.shape
-    clip = torch.ones(m, dtype=torch.float64, device=rows.device)
     if max_norm is None and not _converts(rows, acc):
-        ok = _finite_rows(rows)
-    else:
-        ok = torch.empty(m, dtype=torch.bool, device=rows.device)
-        step = max(1, _CHUNK_BYTES // (8 * p))
-        for lo in range(0, m, step):
-            x = rows[lo : lo + step].to(acc)
-            ok[lo : lo + step] = _finite_rows(x)
-            if max_norm is not None:
-                b = base.index_select(0, experts[lo : lo + step]).to(acc)
-                clip[lo : lo + step] = _clip_factors(x - b, max_norm)
-    return ok, torch.where(ok, wscaled * clip, 0.0).to(acc)
+        return _finite_rows(rows), None
+    ok = torch.empty(m, dtype=torch.bool, device=rows.device)
+    clip = None if max_norm is None else torch.empty(m, dtype=torch.float64, device=rows.device)
+    step = max(1, _CHUNK_BYTES // (8 * p))
+    for lo in range(0, m, step):
+        x = rows[lo : lo + step].to(acc)
+        ok[lo : lo + step] = _finite_rows(x)
+        if clip is not None:
+            b = base.index_select(0, experts[lo : lo + step]).to(acc)
+            clip[lo : lo + step] = _clip_factors(x - b, max_norm)
+    return ok, clip
+
+
+def _coefficients(ok: torch.Tensor, wscaled: torch.Tensor, clip: torch.Tensor | None, acc: torch.dtype):
+    """``c = w' * s`` ([M] in ``acc``; 0 for rejected rows)."""
+    return torch.where(ok, wscaled if clip is None else wscaled * clip, 0.0).to(acc)
 
 
 def _blocks(
@@ -411,24 +476,55 @@ def _block_sums(
 
 def _finish_factors(
     wsum: torch.Tensor, csum: torch.Tensor, lr: float, acc: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lr / W`` and ``-C`` per expert ([E, 1] in ``acc``; meaningless where ``W == 0``)."""
-    return (lr / wsum).to(acc)[:, None], (-csum).to(acc)[:, None]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``lr / W`` (0 where ``W == 0``) and ``-C`` per expert ([E, 1] in ``acc``), and the experts (bool [E];
+    None if there are none) whose ``lr / W`` overflows ``acc`` (``lr`` near the top of the range): their
+    factor is ``lr / (2 W)`` instead, and ``_finish`` doubles their ``S - C * b`` (exactly)."""
+    w = torch.where(wsum > 0, wsum, 1.0)
+    factor = torch.where(wsum > 0, lr / w, 0.0).to(acc)
+    doubled = torch.isinf(factor)
+    if not bool(doubled.any()):
+        return factor[:, None], (-csum).to(acc)[:, None], None
+    factor = torch.where(doubled, (lr / 2 / w).to(acc), factor)
+    return factor[:, None], (-csum).to(acc)[:, None], doubled
+
+
+def _fits(vals: torch.Tensor, dtype: torch.dtype) -> list[bool]:
+    """Per row of ``vals``: whether all its values are finite once rounded to ``dtype``: ``_finite_rows``
+    in the dtype of ``vals``, else below the bound halfway past ``dtype``'s largest finite value in
+    magnitude (a NaN fails; two reductions). No copy."""
+    if dtype == vals.dtype:
+        return _finite_rows(vals).tolist()
+    info = torch.finfo(dtype)
+    limit = info.max + info.eps * 2.0 ** (math.frexp(info.max)[1] - 2)
+    return ((vals.amin(dim=1) > -limit) & (vals.amax(dim=1) < limit)).tolist()
 
 
 def _finish(
-    sums: torch.Tensor, at: slice | torch.Tensor, factor: torch.Tensor, neg_c: torch.Tensor,
-    base: torch.Tensor, out: torch.Tensor,
-) -> None:
-    """``out[e] = b + factor[e] * (S - C * b)`` with ``b = base[e]`` for the experts ``at`` (``_index``);
-    ``sums`` ([n, P], accumulation dtype) holds their S and is overwritten; ``factor = lr / W``,
-    ``neg_c = -C`` ([E, 1])."""
+    vals: torch.Tensor, group: list[int], factor: torch.Tensor, base: torch.Tensor, out: torch.Tensor,
+    neg_c: torch.Tensor | None = None, doubled: torch.Tensor | None = None,
+    positive: list[bool] | None = None,
+) -> list[int]:
+    """The new values ``b + factor[e] * (S - C * b)`` (``b = base[e]``) of the experts ``group`` (ascending),
+    whose ``S`` ([n, P] in the accumulation dtype; overwritten) ``vals`` holds: sums (the mean; ``factor``,
+    ``neg_c``, ``doubled`` from ``_finish_factors``; only the experts that ``positive`` holds, if given,
+    are written) or robust statistics (``factor = lr``, no ``C``). Written to ``out`` where they fit its
+    dtype (``_fits``); returns the other experts, left as they are."""
+    at = _index(group, base.device)
     b = _take(base, at)
-    sums.addcmul_(b, _take(neg_c, at))
-    if isinstance(at, slice):  # a view of out: written where it lies
-        torch.addcmul(b, sums, _take(factor, at), out=out[at])
-    else:
-        out.index_copy_(0, at, torch.addcmul(b, sums, _take(factor, at), out=sums).to(out.dtype))
+    if neg_c is not None:
+        vals.addcmul_(b, _take(neg_c, at))
+    if doubled is not None:
+        vals.mul_(_take(doubled, at).to(vals.dtype)[:, None] + 1)
+    torch.addcmul(b, vals, _take(factor, at), out=vals)
+    fits = _fits(vals, out.dtype)
+    write = [j for j, e in enumerate(group) if fits[j] and (positive is None or positive[e])]
+    if len(write) == len(group) and isinstance(at, slice):
+        out[at] = vals  # a view of out: written where it lies
+    elif write:
+        new = vals if len(write) == len(group) else vals[write]
+        out.index_copy_(0, torch.tensor([group[j] for j in write], device=base.device), new.to(out.dtype))
+    return [e for e, fit in zip(group, fits, strict=True) if not fit]
 
 
 def _keep_base(out: torch.Tensor, base: torch.Tensor, mask: torch.Tensor) -> None:
@@ -450,13 +546,13 @@ def _weight_sums(
 
 def _torch_experts(
     experts: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor, wsum: torch.Tensor,
-    csum: torch.Tensor, lr: float, base: torch.Tensor, out: torch.Tensor, check: bool,
+    csum: torch.Tensor, lr: float, base: torch.Tensor, out: torch.Tensor,
 ) -> list[int]:
     """A block of the experts of the rows that ``keep`` holds at a time: their sums of ``coef * row``
     over those rows (``_block_sums``), then the new values of those whose weight sum is positive
-    (``_finish``). With ``check``, the experts whose sums are not finite are left as they are and
-    returned."""
-    factor, neg_c = _finish_factors(wsum, csum, lr, coef.dtype)
+    (``_finish``). Returns the experts left as they are because a value is not finite (a non-finite row
+    among those summed, or an overflow)."""
+    factor, neg_c, doubled = _finish_factors(wsum, csum, lr, coef.dtype)
     positive = (wsum > 0).tolist()
     num_experts, p = base.shape
     blocks = _blocks(experts, keep, num_experts, p, coef.dtype)
@@ -465,45 +561,213 @@ def _torch_experts(
     for group, (ids, slots) in zip(blocks, _block_rows(experts, keep, blocks, num_experts), strict=True):
         sums = block[: len(group)]
         _block_sums(sums, rows, ids, slots, coef[:, None])
-        finite = torch.isfinite(sums.sum(dim=1)).tolist() if check else [True] * len(group)
-        failed += [e for e, f in zip(group, finite, strict=True) if not f]
-        write = [j for j, e in enumerate(group) if finite[j] and positive[e]]
-        if write:
-            sums = sums if len(write) == len(group) else sums[write]
-            _finish(sums, _index([group[j] for j in write], base.device), factor, neg_c, base, out)
+        failed += _finish(sums, group, factor, base, out, neg_c, doubled, positive)
     return failed
 
 
 def _torch_aggregate(
-    rows: torch.Tensor, experts: torch.Tensor, wscaled: torch.Tensor, base: torch.Tensor,
-    max_norm: float | None, lr: float, out: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch torch path (``_torch_experts``); returns ``ok`` and the weight sums.
+    rows: torch.Tensor, experts: torch.Tensor, w: torch.Tensor, base: torch.Tensor, max_norm: float | None,
+    lr: float, out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Batch torch path (``_torch_experts``); returns ``ok``, the scaled weight sums, their exponents and
+    the experts left as they are because their new values overflow.
 
     Without clipping or conversion every row is first taken as accepted and summed: a sum with a value
-    that is not finite in it is not finite, so only the experts whose sums are not finite (a bad row, or
-    finite values that overflow) get per-row verdicts and are summed again over their accepted rows.
-    Otherwise the verdicts come first (``_torch_verdicts``). Either way the accepted rows are summed,
-    zero weights included (as the streaming form does), so that both add the same terms."""
+    that is not finite in it is not finite, so only the experts whose new values are not finite (a bad
+    row, or an overflow) get per-row verdicts, their weights scaled again over their accepted rows, and
+    are summed again over those rows. Otherwise the verdicts come first (``_torch_verdicts``). Either way
+    the accepted rows are summed, zero weights included (as the streaming form does), so that both add
+    the same terms."""
     acc = _acc_dtype(base)
     num_experts = base.shape[0]
     optimistic = max_norm is None and not _converts(rows, acc)
     if optimistic:
-        ok, coef = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device), wscaled.to(acc)
+        ok, clip = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device), None
     else:
-        ok, coef = _torch_verdicts(rows, experts, wscaled, base, acc, max_norm)
-    wsum, csum = _weight_sums(experts, ok, wscaled, coef, num_experts)
-    failed = _torch_experts(experts, ok, rows, coef, wsum, csum, lr, base, out, check=optimistic)
-    if failed:
+        ok, clip = _torch_verdicts(rows, experts, base, acc, max_norm)
+
+    def summed(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        k, wscaled = _scale_batch(experts, w, ok, num_experts)
+        coef = _coefficients(ok, wscaled, clip, acc)
+        wsum, csum = _weight_sums(experts, ok, wscaled, coef, num_experts)
+        return wsum, k, _torch_experts(experts, keep, rows, coef, wsum, csum, lr, base, out)
+
+    wsum, k, failed = summed(ok)
+    if failed and optimistic:
         again = torch.zeros(num_experts, dtype=torch.bool, device=rows.device)
         again[failed] = True
         again = again[experts]  # the rows of the failed experts (all taken as accepted so far)
         suspect = torch.nonzero(again).squeeze(1).tolist()
         ok[suspect] = torch.stack([torch.isfinite(rows[r]).all() for r in suspect])
-        wsum, csum = _weight_sums(experts, ok, wscaled, coef, num_experts)
-        _torch_experts(experts, ok & again, rows, coef, wsum, csum, lr, base, out, check=False)
+        wsum, k, failed = summed(ok & again)
     _keep_base(out, base, wsum == 0)  # no rows, zero weights, or every row rejected
-    return ok, wsum
+    return ok, wsum, k, failed
+
+
+# ---------------------------------------------------------------- robust statistics
+
+
+def _window(counts: torch.Tensor, method: str, trim: float) -> torch.Tensor:
+    """int64 [E, 2]: the ranks ``[lo, hi)`` (ascending order) averaged for an expert of ``counts`` rows:
+    the middle one or two (median), or all but ``int(trim * n)`` at each end (trimmed mean, as
+    ``scipy.stats.trim_mean``)."""
+    if method == "median":
+        lo, hi = torch.div(counts - 1, 2, rounding_mode="floor"), counts // 2 + 1
+    else:
+        lo = (trim * counts.double()).long()  # float64 product, truncated: scipy's int(trim * n)
+        hi = counts - lo
+    return torch.stack([lo, hi], dim=1)
+
+
+def _used_rows(
+    experts: torch.Tensor, use: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows that ``use`` holds, grouped by expert (ascending rows within): ``perm``, CSR ``offsets``
+    (int64 [E+1]) and ``counts`` (int64 [E])."""
+    perm, offsets = _group(torch.where(use, experts, num_experts), num_experts + 1)  # unused rows last
+    return perm, offsets[: num_experts + 1], offsets[1:-1] - offsets[:-2]
+
+
+def _torch_robust(
+    rows: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, experts: list[int],
+    clip: torch.Tensor | None, window: torch.Tensor, base: torch.Tensor, lr: float, out: torch.Tensor,
+) -> list[int]:
+    """The robust statistics and new values of ``experts`` (ascending; rows ``perm[offsets[e]:][:counts[e]]``,
+    at least one each), those with the same count together: a block of them (``_experts_per_block``) at
+    a time, their scaled deltas ``s * (row - b)`` gathered as [experts, columns, rows] (``_SORT_BYTES`` at
+    a time), sorted along the rows, each rank of the window scaled by ``1 / k`` and summed in rank order
+    (a NaN delta makes the column NaN); then ``_finish``. Returns the experts left as they are."""
+    acc = _acc_dtype(base)
+    num_experts, p = base.shape
+    device = base.device
+    factor = torch.full((num_experts, 1), lr, dtype=torch.float64, device=device).to(acc)
+    sizes, ranks = counts.tolist(), window.tolist()
+    step = _experts_per_block(p, acc)
+    block = torch.empty((min(step, len(experts)), p), dtype=acc, device=device)
+    failed = []
+    for n, same in itertools.groupby(sorted(experts, key=sizes.__getitem__), key=sizes.__getitem__):
+        group = list(same)  # ascending
+        lo, hi = ranks[group[0]]
+        for g in range(0, len(group), step):
+            part = group[g : g + step]
+            at = torch.tensor(part, device=device)
+            members = perm[offsets[at, None] + torch.arange(n, device=device)]  # [k, n] rows
+            scale = None if clip is None else clip[members].to(acc)[:, None, :]
+            b = base.index_select(0, at)
+            stats = block[: len(part)]
+            width = max(1, _SORT_BYTES // (members.numel() * acc.itemsize))
+            for c0 in range(0, p, width):
+                cols = slice(c0, min(p, c0 + width))
+                x = rows[:, cols].index_select(0, members.reshape(-1)).view(len(part), n, -1)
+                y = torch.empty((len(part), x.shape[2], n), dtype=acc, device=device)
+                y.copy_(x.transpose(1, 2)).sub_(b[:, cols, None])
+                if scale is not None:
+                    y.mul_(scale)
+                v = torch.sort(y, dim=2).values if n > 1 else y  # a NaN sorts last
+                nan = v[:, :, n - 1].isnan()
+                if hi - lo > 1:  # 1 / k rounded to acc; summed in rank order, whatever the threads
+                    v[:, :, lo:hi].mul_(1.0 / (hi - lo)).cumsum_(dim=2)
+                stats[:, cols] = v[:, :, hi - 1].masked_fill_(nan, math.nan)
+            failed += _finish(stats, part, factor, base, out)
+    return failed
+
+
+def _robust_aggregate(
+    rows: torch.Tensor, experts: torch.Tensor, w: torch.Tensor, base: torch.Tensor, max_norm: float | None,
+    lr: float, method: str, trim: float, out: torch.Tensor, backend: str,
+) -> tuple[torch.Tensor, list[int]]:
+    """Batch median or trimmed mean: verdicts first, then the statistics of the experts with accepted rows
+    of positive weight, on Triton for those of at most ``ROBUST_MAX_M`` rows, else on torch. Returns
+    ``ok`` and the experts left as they are because their new values overflow."""
+    acc = _acc_dtype(base)
+    num_experts = base.shape[0]
+    if backend == "torch":
+        ok, clip = _torch_verdicts(rows, experts, base, acc, max_norm)
+    else:
+        stats, sq, big = _triton_stats(rows, experts, base, acc, max_norm)
+        ok = stats.bool()
+        clip = None if sq is None else max_norm / sq.sum(dim=1).sqrt().clamp(min=max_norm)
+    use = ok & (w > 0)
+    perm, offsets, counts = _used_rows(experts, use, num_experts)
+    window = _window(counts, method, trim)
+    failed = []
+    on_torch = counts > 0
+    if backend == "triton":
+        from fedmoe_kernels._details.aggregate_triton import ROBUST_MAX_M, robust_rows
+
+        small = torch.nonzero(on_torch & (counts <= ROBUST_MAX_M)).squeeze(1)
+        on_torch &= counts > ROBUST_MAX_M
+        if small.numel():
+            params = _params(lr, max_norm, base.device)
+            max_m = int(counts[small].max())
+
+            def launch(ids: torch.Tensor, target: torch.Tensor, slots: torch.Tensor) -> None:
+                robust_rows(rows, perm, offsets, clip, window, base, params, acc_dtype=acc, max_m=max_m,
+                            ids=ids, out=target, slots=slots)
+
+            bound = _surely_finite(_expert_max(big, experts, use, num_experts), base, counts, lr, acc)
+            failed += _triton_write(launch, small, bound[small], out)
+    wide = torch.nonzero(on_torch).squeeze(1).tolist()
+    if wide:
+        failed += _torch_robust(rows, perm, offsets, counts, wide, clip, window, base, lr, out)
+    _keep_base(out, base, counts == 0)
+    return ok, failed
+
+
+# ---------------------------------------------------------------- Triton path
+
+
+def _triton_stats(rows, experts, base, acc_dtype, max_norm):
+    """``row_stats``: ``ok`` (int8 [M]), the partial squared norms (None without clipping), each row's
+    largest ``|value|`` (float64 [M])."""
+    from fedmoe_kernels._details.aggregate_triton import row_stats
+
+    if rows.shape[0] == 0:
+        empty = torch.empty(0, dtype=torch.float64, device=rows.device)
+        return torch.ones(0, dtype=torch.int8, device=rows.device), None, empty
+    return row_stats(rows, experts, base, acc_dtype, max_norm is not None)
+
+
+def _expert_max(big: torch.Tensor, experts: torch.Tensor, use: torch.Tensor, num_experts: int):
+    """float64 [E]: the largest of ``big`` (float64 [M]) over each expert's rows that ``use`` holds (0 if
+    none)."""
+    top = torch.zeros(num_experts, dtype=torch.float64, device=big.device)
+    return top.scatter_reduce_(0, experts, torch.where(use, big, 0.0), "amax")
+
+
+def _surely_finite(
+    xmax: torch.Tensor, base: torch.Tensor, count: torch.Tensor, lr: float, acc: torch.dtype
+) -> torch.Tensor:
+    """bool [E]: the experts whose new values surely fit the dtype of ``base``, a sufficient test.
+
+    A new value is ``b + f * t``: for the mean ``t = sum c * (row - b)`` with coefficients that sum to at
+    most ``W < 1`` and ``f = lr / W <= 2 lr`` (``W`` scaled into ``[1/2, 1)``; doubled ``t``, halved ``f``
+    where ``f`` overflows), robust ``f = lr`` and ``t`` a mean of terms ``s * (row - b)``; either way
+    every term is at most ``X + B`` in magnitude (``X``: ``xmax``, the largest ``|value|`` of the expert's
+    ``count`` rows; ``B``: that of ``b``). Each of the ``count + 8`` roundings on the way grows a bound by
+    at most ``1 + u``; a factor 2 spares the rest."""
+    bmax = torch.maximum(-base.amin(dim=1), base.amax(dim=1)).double()
+    growth = torch.exp((count + 8).double() * torch.finfo(acc).eps)  # (1 + u)**n <= exp(2 u n), u = eps / 2
+    spans = torch.clamp(xmax + bmax, min=1.0)  # at least 1: f itself is bounded
+    bound = 2 * growth * torch.maximum(2 * spans, bmax + 2 * lr * spans)
+    return bound < torch.finfo(base.dtype).max
+
+
+def _triton_write(launch, ids: torch.Tensor, safe: torch.Tensor, out: torch.Tensor) -> list[int]:
+    """The new values of the experts ``ids`` (int64 [n]) by ``launch(ids, target, slots)``, which writes
+    expert ``ids[j]`` into row ``slots[j]`` of ``target``: the ``safe`` ones (bool [n]) straight into
+    ``out``, the others into a scratch first, copied into ``out`` where every value is finite. Returns
+    the experts left as they are."""
+    sure, doubt = ids[safe], ids[~safe]
+    if sure.numel():
+        launch(sure, out, sure)
+    if not doubt.numel():
+        return []
+    scratch = torch.empty((doubt.numel(), out.shape[1]), dtype=out.dtype, device=out.device)
+    launch(doubt, scratch, torch.arange(doubt.numel(), device=out.device))
+    fine = torch.isfinite(scratch).all(dim=1)
+    out[doubt[fine]] = scratch[fine]
+    return doubt[~fine].tolist()
 
 
 def _group(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -521,12 +785,17 @@ def _counts(experts: torch.Tensor, ok: torch.Tensor, num_experts: int) -> tuple[
     return accepted, torch.bincount(experts, minlength=num_experts) - accepted
 
 
-def _triton_stats(rows, experts, base, acc_dtype, max_norm):
-    from fedmoe_kernels._details.aggregate_triton import row_stats
-
-    if rows.shape[0] == 0:
-        return torch.ones(0, dtype=torch.int8, device=rows.device), None
-    return row_stats(rows, experts, base, acc_dtype, max_norm is not None)
+def _outcome(
+    out: torch.Tensor, base: torch.Tensor, accepted: torch.Tensor, rejected: torch.Tensor,
+    weight_sum: torch.Tensor, failed: list[int],
+) -> AggregateResult:
+    """The result, where the experts ``failed`` (their new values overflow; left unwritten) keep ``base``
+    and count every row as rejected, with weight sum 0."""
+    dropped = torch.zeros(base.shape[0], dtype=torch.bool, device=base.device)
+    dropped[failed] = True
+    _keep_base(out, base, dropped)
+    kept = accepted.masked_fill(dropped, 0)
+    return AggregateResult(out, kept, rejected + accepted - kept, weight_sum.masked_fill(dropped, 0.0))
 
 
 def _params(lr: float, max_norm: float | None, device) -> torch.Tensor:
@@ -543,6 +812,8 @@ def aggregate(
     num_experts: int,
     base: torch.Tensor,
     *,
+    method: str = "mean",
+    trim: float = 0.0,
     max_norm: float | None = None,
     lr: float = 1.0,
     out: torch.Tensor | None = None,
@@ -556,14 +827,18 @@ def aggregate(
         weights: real [M], finite and >= 0 (e.g. sample counts).
         num_experts: E, the number of rows of ``base``.
         base: [E, P] the current bank, float16/bfloat16/float32/float64, finite.
+        method: "mean" (weighted), "median" or "trimmed-mean" (unweighted, over the accepted rows of
+            positive weight, coordinate by coordinate).
+        trim: for "trimmed-mean", the fraction in [0, 0.5) cut at each end (``int(trim * n)`` rows).
         max_norm: clip each row's delta ``row - base`` to this L2 norm (> 0); None: no clipping.
-        lr: server step size on ``mean - base`` (finite; 1 = plain weighted mean).
+        lr: server step size on ``statistic - base`` (finite, >= 0; 1 = plain statistic).
         out: [E, P] like ``base`` to write into; ``base`` itself for in place; None: a new tensor.
         backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
 
     Returns:
         :class:`AggregateResult` (bank, accepted, rejected, weight_sum).
     """
+    trim = _check_method(method, trim)
     _check_base(base)
     if isinstance(num_experts, bool) or not isinstance(num_experts, int):
         raise TypeError(f"num_experts must be an int, got {type(num_experts).__name__}")
@@ -575,22 +850,32 @@ def aggregate(
     out = _check_out(out, base, rows)
     backend = resolve(backend, base)
     acc_dtype = _acc_dtype(base)
-    k_none = torch.full((num_experts,), _K_NONE, dtype=torch.int64, device=base.device)
-    k, _, wscaled = _scale_weights(k_none, experts, w)
-    if backend == "torch":
-        ok, wsum = _torch_aggregate(rows, experts, wscaled, base, max_norm, lr, out)
+    wsum = torch.zeros(num_experts, dtype=torch.float64, device=base.device)
+    if method != "mean":
+        ok, failed = _robust_aggregate(rows, experts, w, base, max_norm, lr, method, trim, out, backend)
+        k, wscaled = _scale_batch(experts, w, ok, num_experts)
+        wsum.index_add_(0, experts, wscaled)
+    elif backend == "torch":
+        ok, wsum, k, failed = _torch_aggregate(rows, experts, w, base, max_norm, lr, out)
     else:
         from fedmoe_kernels._details.aggregate_triton import aggregate_rows
 
-        wsum = torch.zeros(num_experts, dtype=torch.float64, device=base.device)
-        ok, sq = _triton_stats(rows, experts, base, acc_dtype, max_norm)
+        stats, sq, big = _triton_stats(rows, experts, base, acc_dtype, max_norm)
+        ok = stats.bool()
+        k, wscaled = _scale_batch(experts, w, ok, num_experts)
         perm, offsets = _group(experts, num_experts)
-        aggregate_rows(
-            rows, perm, offsets, ok, wscaled, sq, base, _params(lr, max_norm, base.device), wsum,
-            acc_dtype=acc_dtype, out=out,
-        )
+        params = _params(lr, max_norm, base.device)
+
+        def launch(ids: torch.Tensor, target: torch.Tensor, slots: torch.Tensor) -> None:
+            aggregate_rows(rows, perm, offsets, stats, wscaled, sq, base, params, wsum, acc_dtype=acc_dtype,
+                           ids=ids, out=target, slots=slots)
+
+        use = ok & (w > 0)
+        count = torch.bincount(experts[use], minlength=num_experts)
+        safe = _surely_finite(_expert_max(big, experts, use, num_experts), base, count, lr, acc_dtype)
+        failed = _triton_write(launch, torch.arange(num_experts, device=base.device), safe, out)
     accepted, rejected = _counts(experts, ok, num_experts)
-    return AggregateResult(out, accepted, rejected, _ldexp(wsum, k))
+    return _outcome(out, base, accepted, rejected, _ldexp(wsum, k), failed)
 
 
 class Accumulator:
@@ -603,11 +888,19 @@ class Accumulator:
 
     Args:
         base: the bank the deltas are taken against (and clipped against).
+        method: "mean" only: a median or a trimmed mean needs every row at once (use :func:`aggregate`).
         max_norm: as in :func:`aggregate`; fixed here because clipping happens as rows are added.
         backend: as in :func:`aggregate`, chosen once from ``base``.
     """
 
-    def __init__(self, base: torch.Tensor, *, max_norm: float | None = None, backend: str = "auto"):
+    def __init__(
+        self, base: torch.Tensor, *, method: str = "mean", max_norm: float | None = None,
+        backend: str = "auto",
+    ):
+        _check_method(method, 0.0)
+        if method != "mean":
+            raise ValueError(f"method must be 'mean' for an Accumulator (the {method} needs every row at "
+                             f"once: call aggregate), got {method!r}")
         _check_base(base)
         self._base = base
         self._max_norm = None if max_norm is None else _check_real(max_norm, "max_norm", positive=True)
@@ -617,6 +910,7 @@ class Accumulator:
         self._sums = torch.zeros((num_experts, p), dtype=_acc_dtype(base), device=device)
         self._wsum = torch.zeros(num_experts, dtype=torch.float64, device=device)
         self._csum = torch.zeros(num_experts, dtype=torch.float64, device=device)  # torch path only
+        self._xmax = torch.zeros(num_experts, dtype=torch.float64, device=device)  # Triton path only
         self._k = torch.full((num_experts,), _K_NONE, dtype=torch.int64, device=device)
         self._accepted = torch.zeros(num_experts, dtype=torch.int64, device=device)
         self._rejected = torch.zeros(num_experts, dtype=torch.int64, device=device)
@@ -631,26 +925,33 @@ class Accumulator:
         self._add(rows, experts, w)
 
     def _add(self, rows: torch.Tensor, experts: torch.Tensor, w: torch.Tensor) -> None:
-        self._k, rescale, wscaled = _scale_weights(self._k, experts, w)
+        sums = self._sums
         if self._backend == "torch":
-            sums = self._sums
+            ok, clip = _torch_verdicts(rows, experts, self._base, sums.dtype, self._max_norm)
+        else:
+            stats, sq, big = _triton_stats(rows, experts, self._base, sums.dtype, self._max_norm)
+            ok = stats.bool()
+            use = ok & (w > 0)
+            self._xmax = torch.maximum(self._xmax, _expert_max(big, experts, use, self.num_experts))
+        self._k, rescale, wscaled = _scale_weights(self._k, self._wsum, experts, torch.where(ok, w, 0.0))
+        if self._backend == "torch":
             rescaled = torch.nonzero(rescale != 1.0).squeeze(1)
             sums[rescaled] = (sums[rescaled].double() * rescale[rescaled, None]).to(sums.dtype)
             self._wsum.mul_(rescale)
             self._csum.mul_(rescale)
-            ok, coef = _torch_verdicts(rows, experts, wscaled, self._base, sums.dtype, self._max_norm)
-            self._wsum.index_add_(0, experts, torch.where(ok, wscaled, 0.0))
+            coef = _coefficients(ok, wscaled, clip, sums.dtype)
+            self._wsum.index_add_(0, experts, wscaled)
             self._csum.index_add_(0, experts, coef.to(torch.float64))
             ids = torch.nonzero(ok).squeeze(1)
             _sum_tiles(sums, rows, ids, experts[ids], coef[:, None])  # added where the sums lie
         else:
             from fedmoe_kernels._details.aggregate_triton import aggregate_rows
 
-            ok, sq = _triton_stats(rows, experts, self._base, self._sums.dtype, self._max_norm)
             perm, offsets = _group(experts, self.num_experts)
             aggregate_rows(
-                rows, perm, offsets, ok, wscaled, sq, self._base, _params(1.0, self._max_norm, rows.device),
-                self._wsum, acc_dtype=self._sums.dtype, sums=self._sums, rescale=rescale,
+                rows, perm, offsets, stats, wscaled, sq, self._base,
+                _params(1.0, self._max_norm, rows.device), self._wsum, acc_dtype=sums.dtype,
+                ids=torch.arange(self.num_experts, device=rows.device), sums=sums, rescale=rescale,
             )
         accepted, rejected = _counts(experts, ok, self.num_experts)
         self._accepted += accepted
@@ -661,28 +962,39 @@ class Accumulator:
         return self._result(_check_real(lr, "lr", positive=False), _check_out(out, self._base, None))
 
     def _result(self, lr: float, out: torch.Tensor) -> AggregateResult:
+        base, acc = self._base, self._sums.dtype
         if self._backend == "torch":
             touched = torch.nonzero(self._wsum > 0).squeeze(1).tolist()
-            _keep_base(out, self._base, self._wsum == 0)
-            factor, neg_c = _finish_factors(self._wsum, self._csum, lr, self._sums.dtype)
-            step = _experts_per_block(self._sums.shape[1], self._sums.dtype)
+            factor, neg_c, doubled = _finish_factors(self._wsum, self._csum, lr, acc)
+            step = _experts_per_block(self._sums.shape[1], acc)
+            failed = []
             for lo in range(0, len(touched), step):
-                at = _index(touched[lo : lo + step], self._base.device)
-                _finish(_take(self._sums, at).clone(), at, factor, neg_c, self._base, out)
+                group = touched[lo : lo + step]
+                sums = _take(self._sums, _index(group, base.device)).clone()
+                failed += _finish(sums, group, factor, base, out, neg_c, doubled)
             wsum = self._wsum
+            _keep_base(out, base, wsum == 0)
         else:
             from fedmoe_kernels._details.aggregate_triton import aggregate_rows
 
-            device = self._base.device
+            device = base.device
             no_rows = self._sums[:0]
             no_ids = torch.empty(0, dtype=torch.int64, device=device)
+            no_offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device)
+            params = _params(lr, None, device)
             wsum = self._wsum.clone()
-            aggregate_rows(
-                no_rows, no_ids, torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device),
-                no_ids, self._wsum[:0], None, self._base, _params(lr, None, device), wsum,
-                acc_dtype=self._sums.dtype, out=out, sums=self._sums, rescale=torch.ones_like(wsum),
-            )
-        return AggregateResult(out, self._accepted.clone(), self._rejected.clone(), _ldexp(wsum, self._k))
+
+            def launch(ids: torch.Tensor, target: torch.Tensor, slots: torch.Tensor) -> None:
+                aggregate_rows(
+                    no_rows, no_ids, no_offsets, no_ids, self._wsum[:0], None, base, params, wsum,
+                    acc_dtype=acc, ids=ids, out=target, slots=slots, sums=self._sums,
+                    rescale=torch.ones_like(wsum),
+                )
+
+            safe = _surely_finite(self._xmax, base, self._accepted, lr, acc)
+            failed = _triton_write(launch, torch.arange(self.num_experts, device=device), safe, out)
+        weight_sum = _ldexp(wsum, self._k)
+        return _outcome(out, base, self._accepted.clone(), self._rejected.clone(), weight_sum, failed)
 
 
 # ---------------------------------------------------------------- reference
@@ -697,12 +1009,18 @@ class AggregateRef(NamedTuple):
     weight_sum: torch.Tensor
 
 
-def aggregate_reference(rows, experts, weights, num_experts: int, base, *, max_norm=None, lr=1.0):
+def aggregate_reference(
+    rows, experts, weights, num_experts: int, base, *, method="mean", trim=0.0, max_norm=None, lr=1.0
+):
     """Per expert ``e``, over its rows whose values are all finite once converted to the accumulation dtype
-    (float64 for a float64 ``base``, else float32): ``base[e] + lr * sum_m (w_m / W) * s_m * d_m`` with
-    ``d_m = row_m - base[e]``, ``W = sum_m w_m``, ``s_m = min(1, max_norm / ||d_m||)`` (1 without
-    ``max_norm``); ``base[e]`` where there is no such row or ``W == 0``. Computed in float64; returns
-    :class:`AggregateRef`."""
+    (float64 for a float64 ``base``, else float32), with ``d_m = s_m * (row_m - base[e])`` and ``s_m = min(1,
+    max_norm / ||row_m - base[e]||)`` (1 without ``max_norm``): ``base[e] + lr * t``, where ``t`` is
+    ``sum_m (w_m / W) * d_m`` (``W = sum_m w_m``; "mean"), or over the rows of positive weight column by
+    column ``numpy.median`` of the ``d_m`` ("median") or their mean once ``int(trim * n)`` of the ``n``
+    are cut at each end ("trimmed-mean", ``scipy.stats.trim_mean``); ``base[e]`` where there is no such
+    row or ``W == 0``, and where the new value is not finite in the dtype of ``base`` (its rows then
+    count as rejected, with weight sum 0). Computed in float64; returns :class:`AggregateRef`."""
+    trim = _check_method(method, trim)
     acc = torch.float64 if base.dtype == torch.float64 else torch.float32
     bank = base.to(torch.float64).clone()
     accepted = torch.zeros(num_experts, dtype=torch.int64)
@@ -725,9 +1043,20 @@ def aggregate_reference(rows, experts, weights, num_experts: int, base, *, max_n
                 if norm > max_norm:
                     d = d * (max_norm / norm)
             kept.append((w[m], d))
-        accepted[e] = len(kept)
         total = sum(wm for wm, _ in kept)
-        weight_sum[e] = total
-        if total > 0:
-            bank[e] = bank[e] + lr * sum(((wm / total) * d for wm, d in kept), torch.zeros_like(bank[e]))
+        if total == 0:
+            accepted[e] = len(kept)
+            continue
+        if method == "mean":
+            t = sum(((wm / total) * d for wm, d in kept), torch.zeros_like(bank[e]))
+        else:
+            d = np.sort(np.stack([d.numpy() for wm, d in kept if wm > 0]), axis=0)
+            cut = int(trim * len(d))
+            t = np.median(d, axis=0) if method == "median" else d[cut : len(d) - cut].mean(axis=0)
+            t = torch.from_numpy(t)
+        new = bank[e] + lr * t
+        if bool(torch.isfinite(new.to(base.dtype)).all()):
+            bank[e], accepted[e], weight_sum[e] = new, len(kept), total
+        else:
+            rejected[e] += len(kept)
     return AggregateRef(bank, accepted, rejected, weight_sum)

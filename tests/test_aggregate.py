@@ -11,10 +11,12 @@ import itertools
 import math
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from fedmoe_kernels import Accumulator, AggregateResult, aggregate
 from fedmoe_kernels._backend import interpreting
@@ -292,9 +294,10 @@ def test_empty_batch_keeps_base(backend):
     _, _, _, base = make_case(0, 5, 3)
     rows = torch.empty(0, 5, device=DEVICE)
     ids = torch.empty(0, dtype=torch.int64, device=DEVICE)
-    res = aggregate(rows, ids, torch.empty(0, device=DEVICE), 3, base, backend=backend)
-    assert torch.equal(res.bank, base) and res.bank.data_ptr() != base.data_ptr()
-    assert res.accepted.tolist() == [0, 0, 0] and res.rejected.tolist() == [0, 0, 0]
+    for method in ("mean", "median", "trimmed-mean"):
+        res = aggregate(rows, ids, torch.empty(0, device=DEVICE), 3, base, method=method, backend=backend)
+        assert torch.equal(res.bank, base) and res.bank.data_ptr() != base.data_ptr()
+        assert res.accepted.tolist() == [0, 0, 0] and res.rejected.tolist() == [0, 0, 0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -353,9 +356,10 @@ def assert_same(res: AggregateResult, other: AggregateResult) -> None:
     path="product", lr=1.0, seed=70,
 )
 def test_sums_first_equal_verdicts_first(m, p, e, bad, zero, huge, huge_value, dtype, block, path, lr, seed):
-    """Non-finite values anywhere, zero weights, huge rows (finite float32 whose sums overflow, or beyond
-    float32 and so rejected): on either path (product, tiles), the batch (out of place and in place) gives the
-    bits of the verdicts-first path and of the streaming form, and rejects exactly the rows not finite in
+    """Non-finite values anywhere, zero weights, huge rows (finite float32 near the top of the range, or
+    beyond float32 and so rejected): on either path (product, tiles), the batch (out of place and in place)
+    gives the bits of the verdicts-first path and of the streaming form, whole or in pieces (the weights
+    are scaled to sum below 1 at every step: no sum overflows), and rejects exactly the rows not finite in
     float32."""
     rows, experts, weights, base = make_case(m, p, e, dtype=dtype, seed=seed, bad_rows=False)
     for r, c, value in bad:
@@ -374,19 +378,10 @@ def test_sums_first_equal_verdicts_first(m, p, e, bad, zero, huge, huge_value, d
         acc = Accumulator(base, backend="torch")
         for lo, hi in itertools.pairwise(split_points(m, 3, seed)):
             acc.add(rows[lo:hi], experts[lo:hi], weights[lo:hi])
-        pieces = acc.result(lr=lr)
-    # In pieces, the batch's bits, except that an expert with huge rows may overflow at the scale of the
-    # weights seen so far (documented): then its value is not finite.
-    assert_same(res, AggregateResult(res.bank, pieces.accepted, pieces.rejected, pieces.weight_sum))
-    overflowed = torch.tensor([not torch.equal(a, b) for a, b in zip(pieces.bank, res.bank, strict=True)])
-    has_huge = torch.zeros(e, dtype=torch.bool)
-    has_huge[experts[[r % m for r in huge]]] = True
-    assert not (overflowed & ~has_huge).any()
-    assert not torch.isfinite(pieces.bank[overflowed]).all(dim=1).any()
+        assert_same(res, acc.result(lr=lr))
     bad_rows = ~torch.isfinite(rows.float()).all(dim=1)
     assert torch.equal(res.rejected, torch.bincount(experts[bad_rows], minlength=e))
-    if not huge:
-        check(res, rows, experts, weights, base, lr=lr)
+    check(res, rows, experts, weights, base, lr=lr)
 
 
 @settings(max_examples=40, deadline=None)
@@ -506,21 +501,24 @@ def test_product_is_deterministic_across_threads():
         assert_same(results[0], res)
 
 
-@pytest.mark.parametrize("p", [64, 40_000])  # tiles; the product (where it is taken)
-def test_finite_rows_whose_sum_overflows_are_accepted(p):
-    """A sum of finite rows that overflows is not finite: the rows are tested one by one, found finite
-    and accepted; the float32 sums overflow where the rows are huge, as with the verdicts first."""
+@pytest.mark.parametrize(
+    "backend,p", [("torch", 64), ("torch", 40_000), pytest.param("triton", 64, marks=TRITON.marks)]
+)
+def test_huge_finite_rows_average_without_overflow(backend, p):
+    """The weights are scaled to sum below 1, so three rows of 3e38 (whose plain sum overflows float32)
+    average to 3e38 on every path (tiles, the product where it is taken, Triton's bound and its exact
+    check), as with the verdicts first; a bad row beside them is rejected."""
     base = torch.zeros(3, p, device=DEVICE)
     rows = torch.ones(5, p, device=DEVICE)
-    rows[:3, :8] = 3e38  # expert 0: three rows weighted 1/3 each, whose sum overflows in 8 columns
+    rows[:3, :8] = 3e38  # expert 0: three huge rows in 8 columns
     rows[3, 5] = math.nan  # expert 1: a bad row
     experts = torch.tensor([0, 0, 0, 1, 2], device=DEVICE)
     weights = torch.ones(5, device=DEVICE)
-    res = aggregate(rows, experts, weights, 3, base, backend="torch")
+    res = aggregate(rows, experts, weights, 3, base, backend=backend)
     assert res.accepted.tolist() == [3, 0, 1] and res.rejected.tolist() == [0, 1, 0]
-    assert_same(res, verdicts_first(rows, experts, weights, 3, base))
-    assert torch.isinf(res.bank[0, :8]).all()
-    torch.testing.assert_close(res.bank[0, 8:], rows[0, 8:])
+    if backend == "torch":
+        assert_same(res, verdicts_first(rows, experts, weights, 3, base))
+    torch.testing.assert_close(res.bank[0], rows[0])
     assert torch.equal(res.bank[1], base[1]) and torch.equal(res.bank[2], rows[4])
 
 
@@ -566,6 +564,271 @@ def test_bad_rows_mixed_with_zero_weights(in_place):
     assert res.accepted.tolist() == [3, 1, 0, 0, 2] and res.rejected.tolist() == [1, 1, 2, 0, 0]
     assert torch.equal(res.bank[1:4], base[1:4])
     assert_same(res, verdicts_first(rows, experts, weights, 5, base))
+
+
+# ---------------------------------------------------------------- robust statistics
+
+ROBUST = [("median", 0.0), ("trimmed-mean", 0.0), ("trimmed-mean", 0.2), ("trimmed-mean", 0.45)]
+COUNTS = [0, 1, 2, 3, 4, 5, 8, 11, 4]  # rows per expert: none, one, even and odd; the last all equal
+
+
+def robust_case(p, *, dtype=torch.float32, base_dtype=torch.float32, seed=0):
+    """Rows of experts with ``COUNTS`` rows each (shuffled), near their base, on a grid of 1/4 (ties in
+    every column), with outliers, a NaN row and an infinite row (experts 7 and 6), two zero weights
+    (expert 5), the last expert's rows all equal; other weights in [1, 10)."""
+    g = torch.Generator().manual_seed(seed)
+    e = len(COUNTS)
+    base = torch.randn(e, p, generator=g).to(base_dtype)
+    experts = torch.repeat_interleave(torch.arange(e), torch.tensor(COUNTS))
+    experts = experts[torch.randperm(experts.numel(), generator=g)]
+    m = experts.numel()
+    rows = base[experts].double() + torch.randn(m, p, generator=g, dtype=torch.float64)
+    rows = torch.round(rows * 4) / 4
+    rows[torch.rand(m, generator=g) < 0.2] *= 40  # outliers
+    rows[experts == e - 1] = rows[experts == e - 1][0]
+    weights = 1 + 9 * torch.rand(m, generator=g)
+    rows[int(torch.nonzero(experts == 7)[0]), p // 2] = math.nan  # rejected first: 10 finite rows left
+    rows[int(torch.nonzero(experts == 6)[0]), 0] = -math.inf
+    weights[torch.nonzero(experts == 5)[:2, 0]] = 0.0  # left out of the statistic: 3 rows left
+    return rows.to(dtype).to(DEVICE), experts.to(DEVICE), weights.to(DEVICE), base.to(DEVICE)
+
+
+ROBUST_KWARGS = [{}, dict(max_norm=3.0, lr=0.7), dict(lr=1.9)]
+
+
+@pytest.mark.parametrize("method,trim", ROBUST)
+@pytest.mark.parametrize("p", [1, 7, 33])
+@pytest.mark.parametrize(
+    "dtype,base_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.float64, torch.float32),
+    ],
+)
+def test_robust_torch_matches_reference(method, trim, p, dtype, base_dtype):
+    rows, experts, weights, base = robust_case(p, dtype=dtype, base_dtype=base_dtype, seed=p)
+    for kw in ROBUST_KWARGS:
+        res = aggregate(rows, experts, weights, len(COUNTS), base, method=method, trim=trim, backend="torch",
+                        **kw)
+        check(res, rows, experts, weights, base, method=method, trim=trim, **kw)
+        assert res.accepted.tolist() == [0, 1, 2, 3, 4, 5, 7, 10, 4]  # zero weights count as accepted
+        assert torch.equal(res.bank[0], base[0])  # no rows: base
+
+
+@pytest.mark.parametrize(
+    "p,dtype,base_dtype,method,trim",
+    [
+        (7, torch.float32, torch.float32, "median", 0.0),
+        (7, torch.float32, torch.float32, "trimmed-mean", 0.0),
+        (10, torch.float16, torch.float32, "trimmed-mean", 0.2),
+        (10, torch.float16, torch.float32, "median", 0.0),
+        (5, torch.float64, torch.float64, "trimmed-mean", 0.45),
+        (3, torch.bfloat16, torch.float16, "median", 0.0),
+    ],
+)
+def test_robust_triton_matches_reference(monkeypatch, p, dtype, base_dtype, method, trim):
+    """Tiles of 64 values: 4 columns of 16 rows (11 at most here), so several column blocks, the last
+    partial."""
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from fedmoe_kernels._details import aggregate_triton
+
+    monkeypatch.setattr(aggregate_triton, "ROBUST_TILE", 64)
+    rows, experts, weights, base = robust_case(p, dtype=dtype, base_dtype=base_dtype, seed=p)
+    for kw in ROBUST_KWARGS[:2]:
+        res = aggregate(rows, experts, weights, len(COUNTS), base, method=method, trim=trim, backend="triton",
+                        **kw)
+        check(res, rows, experts, weights, base, method=method, trim=trim, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method,trim", [("median", 0.0), ("trimmed-mean", 0.25), ("trimmed-mean", 0.0)])
+def test_robust_is_the_statistic_of_the_rows(backend, method, trim):
+    """With lr = 1 and no clipping, base + robust(row - base) is numpy's median or scipy's trim_mean of the
+    accepted rows of positive weight, up to rounding."""
+    rows, experts, weights, base = robust_case(9, seed=4)
+    res = aggregate(rows, experts, weights, len(COUNTS), base, method=method, trim=trim, backend=backend)
+    for e in range(len(COUNTS)):
+        keep = (experts == e) & torch.isfinite(rows).all(dim=1) & (weights > 0)
+        if not keep.any():
+            continue
+        x = rows[keep].cpu().double().numpy()
+        want = np.median(x, axis=0) if method == "median" else stats.trim_mean(x, trim, axis=0)
+        np.testing.assert_allclose(res.bank[e].cpu().double().numpy(), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method,trim", [("median", 0.0), ("trimmed-mean", 0.3)])
+def test_robust_ignores_weights_order_and_bad_rows(backend, method, trim):
+    """Bitwise: the statistic does not depend on the positive weights, nor on the order of the rows; the
+    NaN and infinite rows (rejected first) and the zero-weight rows (left out) change nothing."""
+    rows, experts, weights, base = robust_case(6, seed=5)
+    kw = dict(method=method, trim=trim, backend=backend, max_norm=4.0)
+    res = aggregate(rows, experts, weights, len(COUNTS), base, **kw)
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    reweighted = torch.where(weights > 0, 1 + weights**2, 0.0)
+    other = aggregate(rows[order], experts[order], reweighted[order], len(COUNTS), base, **kw)
+    assert torch.equal(other.bank, res.bank) and torch.equal(other.accepted, res.accepted)
+    keep = torch.isfinite(rows).all(dim=1) & (weights > 0)
+    clean = aggregate(rows[keep], experts[keep], weights[keep], len(COUNTS), base, **kw)
+    assert torch.equal(clean.bank, res.bank)
+    assert res.rejected.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method,trim", [("median", 0.0), ("trimmed-mean", 0.1)])
+def test_robust_in_place(backend, method, trim):
+    rows, experts, weights, base = robust_case(10, seed=6)
+    expected = aggregate(rows, experts, weights, len(COUNTS), base, method=method, trim=trim, backend=backend)
+    bank = base.clone()
+    views = [bank[e].view(2, 5) for e in range(len(COUNTS))]
+    res = aggregate(rows, experts, weights, len(COUNTS), bank, method=method, trim=trim, out=bank,
+                    backend=backend)
+    assert res.bank is bank and torch.equal(bank, expected.bank)
+    assert all(torch.equal(v, expected.bank[e].view(2, 5)) for e, v in enumerate(views))
+
+
+def test_robust_torch_blocks_and_chunks_keep_the_bits(monkeypatch):
+    """One expert per block and one column per chunk, or everything at once: the same bits (the window is
+    summed in rank order), whatever the number of threads."""
+    rows, experts, weights, base = robust_case(37, seed=7)
+    results = []
+    for block, sort_bytes, threads in ((1, 1, 1), (1 << 22, 1 << 21, 2), (1 << 10, 1 << 9, 1)):
+        monkeypatch.setattr(aggregate_module, "_BLOCK_BYTES", block)
+        monkeypatch.setattr(aggregate_module, "_SORT_BYTES", sort_bytes)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            kw = dict(method="trimmed-mean", trim=0.1, max_norm=5.0, backend="torch")
+            results.append(aggregate(rows, experts, weights, len(COUNTS), base, **kw))
+        finally:
+            torch.set_num_threads(previous)
+    for res in results[1:]:
+        assert_same(res, results[0])
+
+
+def test_robust_triton_falls_back_to_torch_above_max_m(monkeypatch):
+    """Experts with more rows than the kernel sorts in registers take the torch path in the same call."""
+    if not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from fedmoe_kernels._details import aggregate_triton
+
+    monkeypatch.setattr(aggregate_triton, "ROBUST_MAX_M", 4)
+    calls = []
+    torch_robust = aggregate_module._torch_robust
+    monkeypatch.setattr(aggregate_module, "_torch_robust", lambda *a: calls.append(a[4]) or torch_robust(*a))
+    rows, experts, weights, base = robust_case(5, seed=8)
+    res = aggregate(rows, experts, weights, len(COUNTS), base, method="median", lr=0.5, backend="triton")
+    assert calls == [[6, 7]]  # 7 and 10 accepted rows of positive weight
+    check(res, rows, experts, weights, base, method="median", lr=0.5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(1, 30),
+    p=st.integers(1, 12),
+    e=st.integers(1, 4),
+    trim=st.sampled_from([0.0, 0.1, 0.3, 0.49]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_robust_properties(m, p, e, trim, ties, seed):
+    """float64, lr = 1, no clipping (torch): the median lies between the smallest and the largest accepted
+    value of each column, so does the trimmed mean, which with trim = 0 is the unweighted mean."""
+    f64 = torch.float64
+    rows, experts, weights, base = make_case(m, p, e, dtype=f64, base_dtype=f64, seed=seed)
+    if ties:
+        rows = torch.round(rows * 2) / 2
+    def bank(method="mean", trim=0.0, w=weights):
+        return aggregate(rows, experts, w, e, base, method=method, trim=trim, backend="torch").bank
+
+    median, trimmed = bank("median"), bank("trimmed-mean", trim)
+    torch.testing.assert_close(bank("trimmed-mean"), bank(w=(weights > 0).double()), rtol=1e-12, atol=1e-12)
+    keep = torch.isfinite(rows).all(dim=1) & (weights > 0)
+    for x in range(e):
+        mine = rows[keep & (experts == x)]
+        if mine.numel():
+            lo, hi = mine.amin(dim=0) - 1e-12, mine.amax(dim=0) + 1e-12
+            for value in (median[x], trimmed[x]):
+                assert ((lo <= value) & (value <= hi)).all()
+        else:
+            assert torch.equal(median[x], base[x]) and torch.equal(trimmed[x], base[x])
+
+
+# ---------------------------------------------------------------- overflow
+
+
+def overflow_case(kind: str):
+    """Expert 0 overflows, expert 1 does not: (rows, experts, weights, base, lr)."""
+    experts = torch.tensor([0, 0, 0, 1, 1])
+    weights = torch.tensor([1.0, 2.0, 3.0, 1.0, 1.0])
+    if kind == "lr":  # lr * (mean - base) beyond float32
+        base = torch.zeros(2, 6)
+        rows = torch.full((5, 6), 3e38)
+        rows[3:] = 1.0
+        lr = 1.5
+    elif kind == "half":  # within float32, beyond the float16 bank
+        base = torch.zeros(2, 6, dtype=torch.float16)
+        rows = torch.full((5, 6), 60000.0, dtype=torch.float16)
+        rows[3:] = 1.0
+        lr = 2.0
+    elif kind == "huge_lr":  # lr = 1e308 over a float64 bank: 10 * lr overflows, 1e-10 * lr does not
+        base = torch.zeros(2, 6, dtype=torch.float64)
+        rows = torch.full((5, 6), 10.0, dtype=torch.float64)
+        rows[3:] = 1e-10
+        lr = 1e308
+    else:  # "delta": row - base beyond float32
+        base = torch.zeros(2, 6)
+        base[0] = -3e38
+        rows = torch.full((5, 6), 3e38)
+        rows[3:] = 2.0
+        lr = 1.0
+    return rows.to(DEVICE), experts.to(DEVICE), weights.to(DEVICE), base.to(DEVICE), lr
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's overflowing casts
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["mean", "median", "trimmed-mean"])
+@pytest.mark.parametrize("kind", ["lr", "half", "huge_lr", "delta"])
+def test_overflow_keeps_base(backend, method, kind):
+    """An expert whose new value would not be finite keeps base, all its rows rejected, in place or not;
+    the other expert is aggregated as usual (lr = 1e308 included)."""
+    rows, experts, weights, base, lr = overflow_case(kind)
+    kw = dict(method=method, lr=lr, backend=backend)
+    res = aggregate(rows, experts, weights, 2, base, **kw)
+    assert torch.equal(res.bank[0], base[0]) and torch.isfinite(res.bank).all()
+    assert res.accepted.tolist() == [0, 2] and res.rejected.tolist() == [3, 0]
+    assert res.weight_sum.tolist() == [0.0, 2.0]
+    alone = aggregate(rows[3:], experts[3:], weights[3:], 2, base, **kw)
+    assert torch.equal(res.bank[1], alone.bank[1])
+    bank = base.clone()
+    assert_same(res, aggregate(rows, experts, weights, 2, bank, out=bank, **kw))
+    if method == "mean":
+        acc = Accumulator(base, backend=backend)
+        for lo in range(5):
+            acc.add(rows[lo : lo + 1], experts[lo : lo + 1], weights[lo : lo + 1])
+        assert_same(res, acc.result(lr=lr))
+    if kind != "delta":  # the reference computes deltas in float64: they do not overflow there
+        check(res, rows, experts, weights, base, method=method, lr=lr)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's overflowing casts
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflow_among_many_experts(backend, monkeypatch):
+    """Overflowing experts in several blocks, among others that do not (torch: one per block)."""
+    monkeypatch.setattr(aggregate_module, "_BLOCK_BYTES", 1)
+    rows, experts, weights, base = make_case(40, 9, 8, seed=30, bad_rows=False)
+    big = torch.isin(experts, torch.tensor([1, 4, 5], device=DEVICE))
+    rows[big] = 1e38 + 1e37 * rows[big].abs()  # finite; their statistics times 5 are not
+    for method in ("mean", "median"):
+        res = aggregate(rows, experts, weights, 8, base, method=method, lr=5.0, backend=backend)
+        check(res, rows, experts, weights, base, method=method, lr=5.0)
+        dropped = res.accepted == 0
+        assert torch.equal(dropped, torch.isin(torch.arange(8, device=DEVICE), experts[big]))
+
 
 
 # ---------------------------------------------------------------- streaming
@@ -630,7 +893,7 @@ def _call(**change):
     rows, experts, weights, base = make_case(6, 4, 3, seed=0, bad_rows=False)
     args = dict(rows=rows, experts=experts, weights=weights, num_experts=3, base=base)
     args.update(change)
-    kw = {k: args.pop(k) for k in ("max_norm", "lr", "out", "backend") if k in args}
+    kw = {k: args.pop(k) for k in ("method", "trim", "max_norm", "lr", "out", "backend") if k in args}
     return aggregate(args["rows"], args["experts"], args["weights"], args["num_experts"], args["base"], **kw)
 
 
@@ -656,13 +919,28 @@ def _call(**change):
         (dict(max_norm=0.0), ValueError, "max_norm"),
         (dict(max_norm=math.inf), ValueError, "max_norm"),
         (dict(lr=math.nan), ValueError, "lr"),
+        (dict(lr=-0.5), ValueError, "lr"),
         (dict(lr="1"), TypeError, "lr"),
+        (dict(base=torch.tensor([[0.0] * 4, [1.0, math.nan, 0.0, 0.0], [0.0] * 4])), ValueError, "base"),
+        (dict(base=torch.tensor([[0.0] * 4, [0.0] * 4, [0.0, 0.0, 0.0, -math.inf]])), ValueError, "base"),
+        (dict(base=torch.full((3, 4), 3e38)), None, None),  # finite, though its sum overflows float32
+        (dict(method="avg"), ValueError, "method"),
+        (dict(method=None), ValueError, "method"),
+        (dict(method="trimmed-mean", trim=0.5), ValueError, "trim"),
+        (dict(method="trimmed-mean", trim=-0.1), ValueError, "trim"),
+        (dict(method="trimmed-mean", trim=math.nan), ValueError, "trim"),
+        (dict(method="trimmed-mean", trim="0.1"), TypeError, "trim"),
+        (dict(method="median", trim=0.1), ValueError, "trim"),
+        (dict(trim=0.1), ValueError, "trim"),
         (dict(out=torch.empty(3, 4, dtype=torch.float64)), ValueError, "out"),
         (dict(out=torch.empty(4, 4)), ValueError, "out"),
         (dict(backend="cuda"), ValueError, "backend"),
     ],
 )
 def test_validation(change, error, name):
+    if error is None:
+        _call(**change)
+        return
     with pytest.raises(error, match=name):
         _call(**change)
 
@@ -680,6 +958,10 @@ def test_accumulator_validation():
     _, _, _, base = make_case(0, 4, 3)
     with pytest.raises(ValueError, match="max_norm"):
         Accumulator(base, max_norm=-1.0)
+    with pytest.raises(ValueError, match=r"method.*aggregate"):
+        Accumulator(base, method="median")
+    with pytest.raises(ValueError, match="base"):
+        Accumulator(torch.full((2, 3), math.nan))
     acc = Accumulator(base)
     with pytest.raises(ValueError, match="rows"):
         acc.add(torch.ones(2, 5), torch.zeros(2, dtype=torch.int64), torch.ones(2))
