@@ -17,6 +17,9 @@ table. ``sweep`` (``--grid fitness.ema=0.7,0.9 --grid
 alignment.desirability.alpha/alignment.desirability.beta=0.3/0.7,0.7/0.3``) writes its runs under
 ``OUT/runs/``, ``OUT/sweep.json`` (per grid point and metric: one value per seed, mean, std, min, max),
 ``OUT/table.txt`` (also printed) and ``OUT/heatmap_<metric>.png``.
+
+Every error is reported argparse-style (``fedmoe: error: ...``, exit status 2) naming the option, file or
+run at fault, and bad options, data and output directories are caught before any run starts.
 """
 
 from __future__ import annotations
@@ -24,10 +27,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from fedmoe.federated import FederatedConfig, load_data
-from fedmoe.federated.compare import compare_strategies, format_table, run_to_file, summarize, write_json
+from fedmoe.federated.compare import (
+    RunError,
+    compare_strategies,
+    format_table,
+    run_to_file,
+    summarize,
+    write_json,
+)
 from fedmoe.federated.sweep import METRICS, format_sweep, parse_axis, run_sweep
 from fedmoe.plots import plot_accuracy, plot_load_heatmap, plot_sweep
 
@@ -72,8 +83,16 @@ def _parser_of(option):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every error (its own and the commands') as one ``fedmoe: error: ...`` line."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"fedmoe: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmoe", description="Federated Mixture-of-Experts training "
+    parser = _Parser(prog="fedmoe", description="Federated Mixture-of-Experts training "
                                      "with dynamic client-expert alignment.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="one experiment", description="Run one federated experiment.",
@@ -109,9 +128,14 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Federa
     config = FederatedConfig()
     if args.config is not None:
         try:
-            config = FederatedConfig.from_dict(tomllib.loads(args.config.read_text()))
+            with open(args.config, "rb") as f:
+                tree = tomllib.load(f)
+        except UnicodeDecodeError as exc:
+            parser.error(f"--config {args.config}: not UTF-8 text ({exc.reason} at byte {exc.start})")
         except (OSError, tomllib.TOMLDecodeError) as exc:
             parser.error(f"--config {args.config}: {exc}")
+        try:
+            config = FederatedConfig.from_dict(tree)
         except (TypeError, ValueError) as exc:
             parser.error(f"--config {args.config}: bad experiment option: {exc}")
     flags = {path: getattr(args, path) for path in FederatedConfig.options() if hasattr(args, path)}
@@ -122,17 +146,32 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Federa
     try:  # fail here, with the option named, rather than in every run
         load_data(config)
     except (OSError, TypeError, ValueError) as exc:
-        parser.error(f"--data {config.data.source!r}: {exc}")
+        parser.error(f"--data: {exc}")
     return config
 
 
+def _out_dir(args: argparse.Namespace, parser: argparse.ArgumentParser, *subdirs: str) -> Path:
+    """``--out`` (and its ``subdirs``) created and written to now, so that a bad path fails before any run."""
+    for path in (args.out, *(args.out / s for s in subdirs)):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path).close()
+        except OSError as exc:
+            where = f"--out {path}" if path == args.out else f"--out {args.out}: {path}"
+            parser.error(f"{where} is not a writable directory: {exc.strerror or exc}")
+    return args.out
+
+
 def _cmd_run(args, parser) -> None:
-    config = _config(args, parser)
     if args.threads < 1:
         parser.error("--threads must be >= 1")
-    out = args.out
-    result = run_to_file(config.to_dict(), str(out / "result.json"), str(out / "checkpoint.pt"), args.resume,
-                         args.threads, not args.quiet)
+    config = _config(args, parser)
+    out = _out_dir(args, parser)
+    try:
+        result = run_to_file(config.to_dict(), str(out / "result.json"), str(out / "checkpoint.pt"),
+                             args.resume, args.threads, not args.quiet)
+    except (OSError, TypeError, ValueError) as exc:  # a bad input the run found (partition, checkpoint)
+        parser.error(str(exc))
     strategy, target = config.alignment.strategy, config.evaluation.target_accuracy
     plot_accuracy({strategy: [result]}, out / "accuracy.png", target=target)
     plot_load_heatmap({strategy: result}, out / "load_heatmap.png")
@@ -150,9 +189,9 @@ def _check_parallel(args, parser) -> None:
 
 
 def _cmd_compare(args, parser) -> None:
+    _check_parallel(args, parser)
     base = _config(args, parser)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    _check_parallel(args, parser)
     if not strategies or len(set(strategies)) != len(strategies):
         parser.error(f"--strategies must name distinct strategies, got {args.strategies!r}")
     for s in strategies:
@@ -161,10 +200,13 @@ def _cmd_compare(args, parser) -> None:
         except ValueError as exc:
             parser.error(f"--strategies: {exc}")
     seeds = range(args.seeds)
-    results = compare_strategies(base, strategies, seeds, args.out, workers=args.workers,
-                                 threads=args.threads, resume=args.resume, progress=not args.quiet)
+    out = _out_dir(args, parser, "runs")
+    try:
+        results = compare_strategies(base, strategies, seeds, out, workers=args.workers, threads=args.threads,
+                                     resume=args.resume, progress=not args.quiet)
+    except RunError as exc:
+        parser.error(str(exc))
     summary = summarize(results)
-    out = args.out
     write_json(out / "summary.json", summary)
     write_json(out / "config.json", {**base.to_dict(), "strategies": strategies, "seeds": list(seeds)})
     target = base.evaluation.target_accuracy
@@ -178,15 +220,17 @@ def _cmd_compare(args, parser) -> None:
 
 
 def _cmd_sweep(args, parser) -> None:
-    base = _config(args, parser)
     _check_parallel(args, parser)
+    base = _config(args, parser)
+    out = _out_dir(args, parser, "runs")
     try:
         axes = [parse_axis(text) for text in args.grid]
-        summary = run_sweep(base, axes, range(args.seeds), args.out, workers=args.workers,
-                            threads=args.threads, resume=args.resume, progress=not args.quiet)
+        summary = run_sweep(base, axes, range(args.seeds), out, workers=args.workers, threads=args.threads,
+                            resume=args.resume, progress=not args.quiet)
+    except RunError as exc:  # a run failed: name it, not --grid
+        parser.error(str(exc))
     except (TypeError, ValueError) as exc:
         parser.error(f"--grid: {exc}")
-    out = args.out
     write_json(out / "sweep.json", summary)
     table = format_sweep(summary)
     (out / "table.txt").write_text(table + "\n")

@@ -1,8 +1,11 @@
 """Data for federated experiments: datasets (digits, CIFAR-10, any ``.npz``) and client partitions.
 
 Datasets come back as :class:`Dataset`: float32 images ``[N, C, H, W]`` standardised per channel with the
-training set's mean and std, int64 labels in ``[0, num_classes)``. Flat feature vectors ``[N, D]`` become
-``[N, 1, 1, D]`` (one channel, one row), images ``[N, H, W]`` become ``[N, 1, H, W]``.
+training set's mean and std (computed in float64), int64 labels in ``[0, num_classes)``. Flat feature
+vectors ``[N, D]`` become ``[N, 1, 1, D]`` (one channel, one row), images ``[N, H, W]`` become
+``[N, 1, H, W]``. Labels are integers in ``[0, MAX_CLASSES)`` (``num_classes`` is the largest plus one; a
+warning says when it exceeds the number of samples, a sign of labels that are not class indices); values
+must be finite. A bad file is a ValueError (TypeError for a wrong dtype) naming the file and the array.
 
 :class:`DataConfig` is the ``[data]`` section of an experiment's configuration; :func:`load_dataset` reads
 what it names. A node's own samples travel as :class:`Samples` (inputs and targets as tensors);
@@ -15,7 +18,11 @@ Dirichlet(alpha); small alpha = few classes per client), ``shards`` (sorted by l
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -25,12 +32,14 @@ import torch
 
 from fedmoe.alignment import _checks
 
-__all__ = ["PARTITIONS", "DataConfig", "DataSpec", "Dataset", "Samples", "load_cifar10", "load_dataset",
-           "load_digits", "load_npz", "partition"]
+__all__ = ["MAX_CLASSES", "PARTITIONS", "DataConfig", "DataSpec", "Dataset", "Samples", "load_cifar10",
+           "load_dataset", "load_digits", "load_npz", "partition"]
 
 PARTITIONS = ("dirichlet", "shards", "iid")
+MAX_CLASSES = 100_000  # labels must be below it: the model's head has a row per class
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST = "test_batch"
+_READ_ERRORS = (EOFError, OSError, ValueError, zipfile.BadZipFile, zlib.error)  # of a damaged .npz
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,8 @@ class DataSpec:
                              f"{self.input_shape!r}")
         object.__setattr__(self, "input_shape", shape)
         _checks.integer("num_classes", self.num_classes, 2)
+        if self.num_classes > MAX_CLASSES:
+            raise ValueError(f"num_classes must be at most {MAX_CLASSES}, got {self.num_classes}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,7 +163,43 @@ def _labels(y: np.ndarray, n: int, name: str) -> np.ndarray:
         raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
     if n and y.min() < 0:
         raise ValueError(f"{name} must be >= 0, got {y.min()}")
+    if n and y.max() >= MAX_CLASSES:
+        raise ValueError(f"{name} must be class indices below MAX_CLASSES = {MAX_CLASSES}, got {y.max()}")
     return y.astype(np.int64)
+
+
+def _standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``x_train`` and ``x_test`` standardised per channel with the training mean and std, in float64
+    on values divided by the channel's largest training magnitude (so that no statistic overflows)."""
+    out = np.empty(x_train.shape, np.float32), np.empty(x_test.shape, np.float32)
+    for c in range(x_train.shape[1]):
+        train, test = x_train[:, c].astype(np.float64), x_test[:, c].astype(np.float64)
+        for name, values in (("x", train), ("x_test", test)):
+            if not np.isfinite(values).all():
+                bad = values[~np.isfinite(values)][0]
+                raise ValueError(f"{name} must be finite, got {bad} in channel {c}")
+        scale = max(train.max(), -train.min()) or 1.0
+        with np.errstate(over="ignore"):  # test values far beyond the training range: caught below
+            train /= scale
+            test /= scale
+            mean, std = train.mean(), train.std() or 1.0
+            for name, values, dest in (("x", train, out[0]), ("x_test", test, out[1])):
+                values -= mean
+                values /= std
+                if max(values.max(), -values.min()) > np.finfo(np.float32).max:
+                    raise ValueError(f"{name} standardised with the mean and std of x exceeds the float32 "
+                                     f"range in channel {c}")
+                dest[:, c] = values
+    return out
+
+
+@contextlib.contextmanager
+def _naming(path):
+    """Raise a ValueError or TypeError from inside with ``path`` in front of its message."""
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        raise (TypeError if isinstance(exc, TypeError) else ValueError)(f"{path}: {exc}") from None
 
 
 def _build(name, x_train, y_train, x_test, y_test) -> Dataset:
@@ -164,16 +211,17 @@ def _build(name, x_train, y_train, x_test, y_test) -> Dataset:
                          f"{x_test.shape[0]}")
     if x_test.shape[1:] != x_train.shape[1:]:
         raise ValueError(f"x_test samples have shape {x_test.shape[1:]}, x has {x_train.shape[1:]}")
-    x_train, x_test = x_train.astype(np.float32), x_test.astype(np.float32)
-    if not (np.isfinite(x_train).all() and np.isfinite(x_test).all()):
-        raise ValueError("x and x_test must be finite")
+    if 0 in x_train.shape[1:]:
+        raise ValueError(f"x samples must not be empty, got shape {x_train.shape[1:]}")
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     if num_classes < 2:
         raise ValueError("labels must cover at least 2 classes")
-    mean = x_train.mean(axis=(0, 2, 3), keepdims=True)
-    std = x_train.std(axis=(0, 2, 3), keepdims=True)
-    std[std == 0] = 1
-    return Dataset(name, (x_train - mean) / std, y_train, (x_test - mean) / std, y_test, num_classes)
+    samples = y_train.size + y_test.size
+    if num_classes > samples:
+        warnings.warn(f"the largest label, {num_classes - 1}, implies {num_classes} classes for {samples} "
+                      "samples: labels should be class indices 0..num_classes-1", stacklevel=3)
+    x_train, x_test = _standardise(x_train, x_test)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes)
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
@@ -196,19 +244,41 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 def load_npz(path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """Arrays ``x`` and ``y`` (and optionally ``x_test`` and ``y_test``; else a random split) from an
-    ``.npz`` file, loaded without pickle."""
+    ``.npz`` file, loaded without pickle. Errors name the file (and the array)."""
     path = Path(path)
-    with np.load(path, allow_pickle=False) as f:
-        keys = set(f.files)
+    arrays = _read_npz(path)
+    with _naming(path):
+        if "x_test" in arrays:
+            return _build(path.stem, arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"])
+        x, y = arrays["x"], arrays["y"]
+        _labels(y, _images(x, "x").shape[0], "y")
+        return _build(path.stem, *_split(x, y, test_fraction, seed))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """``x`` and ``y`` (and ``x_test`` and ``y_test`` where present) of an ``.npz`` file."""
+    with open(path, "rb") as f:
+        if not zipfile.is_zipfile(f):
+            raise ValueError(f"{path} is not an .npz file (a zip archive of .npy arrays)")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except _READ_ERRORS as exc:
+        raise ValueError(f"{path} is not a readable .npz file: {exc}") from None
+    with npz:
+        keys = set(npz.files)
         if not {"x", "y"} <= keys:
             raise ValueError(f"{path} must contain arrays 'x' and 'y', found {sorted(keys)}")
         if ("x_test" in keys) != ("y_test" in keys):
             raise ValueError(f"{path} must contain both or neither of 'x_test' and 'y_test'")
-        x, y = f["x"], f["y"]
-        if "x_test" in keys:
-            return _build(path.stem, x, y, f["x_test"], f["y_test"])
-    _labels(y, x.shape[0], "y")
-    return _build(path.stem, *_split(x, y, test_fraction, seed))
+        arrays = {}
+        for name in ("x", "y", "x_test", "y_test") if "x_test" in keys else ("x", "y"):
+            try:
+                arrays[name] = npz[name]
+            except _READ_ERRORS as exc:
+                raise ValueError(f"{path}: cannot read array {name!r}: {exc}") from None
+            if not isinstance(arrays[name], np.ndarray):
+                raise ValueError(f"{path}: {name!r} is not an .npy array")
+    return arrays
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -253,7 +323,8 @@ def load_cifar10(root) -> Dataset:
     x_test, y_test = _cifar_batch(root / _CIFAR_TEST)
     x = np.concatenate([b[0] for b in train])
     y = np.concatenate([b[1] for b in train])
-    return _build("cifar10", x / np.float32(255), y, x_test / np.float32(255), y_test)
+    with _naming(root):
+        return _build("cifar10", x / np.float32(255), y, x_test / np.float32(255), y_test)
 
 
 def load_dataset(source: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:

@@ -43,7 +43,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["AssignResult", "Assignment", "Certificate", "assign", "assign_linprog", "assign_lsa"]
+__all__ = ["MAX_THREADS", "AssignResult", "Assignment", "Certificate", "assign", "assign_linprog",
+           "assign_lsa"]
+
+MAX_THREADS = 1024  # assign's ``threads`` (each thread keeps scratch buffers of its own)
 
 
 @dataclass(frozen=True)
@@ -155,10 +158,13 @@ def assign(
         clients_per_expert: ``u``, int scalar or [E], or None (unbounded): the most clients an expert gets.
         warm_start: expert prices [E] (or the previous :class:`Assignment` / :class:`Certificate`) of a
             similar problem, e.g. the previous round; only speeds things up, never changes the answer.
-        candidates: candidate experts kept per client beyond its ``c_i`` (speed knob, >= 1).
-        threads: worker threads for the dense scans (default: all cores).
+        candidates: candidate experts kept per client beyond its ``c_i`` (speed knob, >= 1; above E the
+            same as E).
+        threads: worker threads for the dense scans, 1 to :data:`MAX_THREADS` (default: all cores, at
+            most :data:`MAX_THREADS`).
         dense_limit: problems with at most this many entries (N*E) keep every allowed pair as a candidate
-            and skip the price sampling (speed knob, >= 0; 0 forces the candidate/certificate path).
+            and skip the price sampling (speed knob, >= 0; 0 forces the candidate/certificate path; above
+            N*E the same as N*E).
 
     Returns:
         :class:`Assignment` with the pairs, ``objective = sum S_ij`` over them (float64) and its
@@ -181,9 +187,10 @@ def assign(
     if isinstance(dense_limit, bool) or not isinstance(dense_limit, numbers.Integral) or dense_limit < 0:
         raise ValueError(f"dense_limit must be an integer >= 0, got {dense_limit!r}")
     if threads is None:
-        threads = os.cpu_count() or 1
-    elif isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        threads = min(os.cpu_count() or 1, MAX_THREADS)
+    elif isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or \
+            not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
 
     if n == 0 or e == 0:
         empty = np.zeros(0, dtype=np.int64)
@@ -193,7 +200,8 @@ def assign(
     from fedmoe_kernels import _assign
 
     s = np.ascontiguousarray(s)
-    out = _assign.solve(s, c, u, prices, int(candidates), int(threads), int(dense_limit))
+    # candidates and dense_limit clipped where they stop mattering (E, N*E), so that no size overflows in C++
+    out = _assign.solve(s, c, u, prices, min(int(candidates), e), int(threads), min(int(dense_limit), n * e))
     cert = Certificate(
         client_dual=out["client_dual"],
         expert_price=out["expert_price"],

@@ -27,6 +27,8 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y, weights, plan, backend):
         ctx.save_for_backward(y, weights)
         ctx.plan, ctx.backend = plan, backend
+        if y.shape[1] == 0:  # H = 0: nothing to sum (the torch path's embedding_bag rejects empty rows)
+            return y.new_zeros((plan.num_tokens, 0))
         return rows.combine_rows(y, plan, weights, backend)
 
     @staticmethod
@@ -34,6 +36,8 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad):
         y, weights = ctx.saved_tensors
         plan, backend = ctx.plan, ctx.backend
+        if y.shape[1] == 0:  # empty rows: no gradient flows
+            return torch.zeros_like(y), torch.zeros_like(weights), None, None
         grad_y = rows.gather(grad, plan, weights, backend) if ctx.needs_input_grad[0] else None
         grad_w = rows.slot_dot(grad, y, plan, weights.dtype, backend) if ctx.needs_input_grad[1] else None
         return grad_y, grad_w, None, None
@@ -42,7 +46,8 @@ class _Combine(torch.autograd.Function):
 def combine(
     y: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
-    """``out[t] = sum_s weights[t, s] * y[plan.inverse[t, s]]`` over kept slots: y float [R, H] -> [T, H].
+    """``out[t] = sum_s weights[t, s] * y[plan.inverse[t, s]]`` over kept slots: y float [R, H] -> [T, H]
+    (H may be 0).
 
     ``weights``: float [T, k] (any float dtype; cast to the accumulation dtype). Output dtype = y.dtype.
     ``backend``: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".

@@ -32,12 +32,28 @@ class RoutingPlan:
     - ``token_index``: int64 [R], the token of each grouped row (``permutation // k``).
     - ``offsets``: int64 [E+1], expert ``e`` owns grouped rows ``offsets[e]:offsets[e+1]``.
     - ``inverse``: int64 [T, k], the grouped row of each (token, slot), or -1 where dropped.
+
+    :func:`route` builds plans. A plan built by hand is checked (ValueError or TypeError naming the field):
+    contiguous int64 tensors on one device, ``1 <= k <= MAX_TOP_K``, ``1 <= E <= MAX_EXPERTS``, ``offsets``
+    rising from 0 to R, ``permutation`` distinct entries in ``[0, T*k)`` and ``inverse`` its inverse, so
+    that ``dispatch`` and ``combine`` never read out of bounds (its tensors must not be changed in place).
     """
 
     permutation: torch.Tensor
     token_index: torch.Tensor
     offsets: torch.Tensor
     inverse: torch.Tensor
+
+    def __post_init__(self):
+        _check_plan(self.permutation, self.token_index, self.offsets, self.inverse)
+
+    @classmethod
+    def _of_route(cls, permutation, token_index, offsets, inverse) -> RoutingPlan:
+        """The plan :func:`route` built, right by construction: not checked again (a read-back saved)."""
+        plan = object.__new__(cls)
+        for name, value in zip(_FIELDS, (permutation, token_index, offsets, inverse), strict=True):
+            object.__setattr__(plan, name, value)
+        return plan
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +75,49 @@ class RoutingPlan:
     def counts(self) -> torch.Tensor:
         """int64 [E]: grouped rows per expert."""
         return self.offsets.diff()
+
+
+_FIELDS = ("permutation", "token_index", "offsets", "inverse")
+
+
+def _check_plan(permutation, token_index, offsets, inverse) -> None:
+    """Check the fields of a hand-built :class:`RoutingPlan` (its docstring); one read-back."""
+    for name, value in zip(_FIELDS, (permutation, token_index, offsets, inverse), strict=True):
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.int64:
+            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"plan.{name} must be an int64 torch.Tensor, got {got}")
+        if not value.is_contiguous():
+            raise ValueError(f"plan.{name} must be contiguous")
+        if value.device != inverse.device:
+            raise ValueError(f"plan.{name} is on {value.device} but plan.inverse is on {inverse.device}")
+    if inverse.ndim != 2 or inverse.shape[0] < 1 or not 1 <= inverse.shape[1] <= MAX_TOP_K:
+        raise ValueError(f"plan.inverse must be [T, k] with T >= 1 and 1 <= k <= {MAX_TOP_K}, got shape "
+                         f"{tuple(inverse.shape)}")
+    if offsets.ndim != 1 or not 2 <= offsets.numel() <= MAX_EXPERTS + 1:
+        raise ValueError(f"plan.offsets must be [E+1] with 1 <= E <= {MAX_EXPERTS}, got shape "
+                         f"{tuple(offsets.shape)}")
+    entries, rows = inverse.numel(), permutation.numel()
+    if permutation.ndim != 1 or rows > entries:
+        raise ValueError(f"plan.permutation must be [R] with R <= T*k = {entries}, got shape "
+                         f"{tuple(permutation.shape)}")
+    if token_index.shape != permutation.shape:
+        raise ValueError(f"plan.token_index must have the shape of plan.permutation {(rows,)}, got "
+                         f"{tuple(token_index.shape)}")
+    grouped = inverse.view(-1)[permutation.clamp(0, entries - 1)]  # in range whatever permutation holds
+    holds = {  # message -> whether it holds, read back together
+        f"plan.offsets must rise from 0 to R = {rows}":
+            (offsets[0] == 0) & (offsets[-1] == rows) & (offsets.diff() >= 0).all(),
+        f"plan.permutation values must be in [0, T*k = {entries})":
+            ((permutation >= 0) & (permutation < entries)).all(),
+        "plan.token_index must be plan.permutation // k":
+            (token_index == permutation // inverse.shape[1]).all(),
+        f"plan.inverse values must be in [-1, R = {rows})": ((inverse >= -1) & (inverse < rows)).all(),
+        "plan.inverse must map plan.permutation[r] to r and every other entry to -1":
+            (grouped == torch.arange(rows, device=inverse.device)).all() & ((inverse >= 0).sum() == rows),
+    }
+    for message, ok in zip(holds, torch.stack(list(holds.values())).tolist(), strict=True):
+        if not ok:
+            raise ValueError(message)
 
 
 def _validate(expert_idx, num_experts) -> bool:
@@ -110,7 +169,7 @@ def route(expert_idx: torch.Tensor, num_experts: int, *, backend: str = "auto") 
     else:
         permutation, offsets, inverse = _route_torch(flat.long(), num_experts, any_dropped)
     permutation = permutation[: int(offsets[-1])]
-    return RoutingPlan(permutation, permutation // k, offsets, inverse.view(t, k))
+    return RoutingPlan._of_route(permutation, permutation // k, offsets, inverse.view(t, k))
 
 
 # ---------------------------------------------------------------- reference

@@ -315,6 +315,15 @@ def test_candidates_on_contested_instance(candidates):
     check_assign(s, c, u, assign(s, c, u, candidates=candidates, dense_limit=SPARSE))
 
 
+def test_candidates_above_e_and_dense_limit_above_n_times_e_are_clipped():
+    # candidates=2**31-1 overflowed the solver's list sizes (segfault); dense_limit=2**64 reached it as a
+    # TypeError from the extension
+    s, c, u = _contested(60, 8, seed=3)
+    check_matches(s, assign(s, c, u, candidates=2**31 - 1, dense_limit=SPARSE), assign(s, c, u, candidates=8,
+                                                                                    dense_limit=SPARSE))
+    check_matches(s, assign(s, c, u, dense_limit=2**64), assign(s, c, u, dense_limit=60 * 8))
+
+
 @settings(max_examples=40, **SETTINGS)
 @given(instances(), st.integers(0, 2**32 - 1))
 def test_warm_start_gives_the_same_objective(inst, seed):
@@ -460,6 +469,8 @@ BAD_INPUTS = [
     ("threads", {"threads": 0}),
     ("threads", {"threads": 1.5}),
     ("threads", {"threads": False}),
+    ("threads", {"threads": 10**8}),  # allocated 3.2 GB of per-thread scratch
+    ("threads", {"threads": 2**31 - 1}),  # never returned
     ("dense_limit", {"dense_limit": -1}),
     ("dense_limit", {"dense_limit": 1.5}),
     ("dense_limit", {"dense_limit": True}),

@@ -10,11 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fedmoe.cli import main
-from fedmoe.federated import load_checkpoint
+from fedmoe.federated import FederationConfig, load_checkpoint
+from fedmoe.federated.compare import write_json
+from fedmoe.models import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--num-experts", "4", "--model.d_model", "8", "--model.d_hidden", "16", "--model.channels", "4",
@@ -127,10 +130,8 @@ def test_every_option_has_a_dotted_flag_and_the_everyday_ones_a_short_one(tmp_pa
     ],
 )
 def test_bad_flags_exit_with_a_message_naming_the_option(tmp_path, capsys, argv, needle):
-    with pytest.raises(SystemExit) as exc:
-        main([*argv, "--out", str(tmp_path)] if argv[0] in ("run", "compare") else argv)
-    assert exc.value.code == 2
-    assert needle in capsys.readouterr().err
+    argv = [*argv, "--out", str(tmp_path)] if argv[0] in ("run", "compare") else argv
+    assert needle in _error(argv, capsys)
 
 
 def test_unknown_toml_keys_are_named(tmp_path, capsys):
@@ -200,3 +201,75 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, tiny):
     assert not (out / "result.json").exists()
     main([*args, "--out", str(out), "--resume"])
     assert _strip(json.loads((out / "result.json").read_text())) == _strip(whole)
+
+
+def _error(argv: list[str], capsys) -> str:
+    """The message of a command that must fail argparse-style: exit status 2, one ``fedmoe: error:`` line,
+    no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fedmoe: error: ")
+    return last.removeprefix("fedmoe: error: ")
+
+
+def _no_runs(monkeypatch) -> None:
+    def never(*args, **kwargs):
+        raise AssertionError("a run started")
+    monkeypatch.setattr("fedmoe.cli.run_to_file", never)
+    monkeypatch.setattr("fedmoe.federated.compare.run_to_file", never)
+
+
+def test_an_unusable_out_directory_fails_before_any_run(tmp_path, capsys, monkeypatch, tiny):
+    # before: a file as --out failed after round 1 (the checkpoint), or at the very end
+    _no_runs(monkeypatch)
+    (tmp_path / "file").touch()
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "runs").touch()
+    cases = [(["run", "--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'} is not a writable"),
+             (["run", "--out", str(tmp_path / "file" / "sub")], "file/sub is not a writable directory"),
+             (["compare", "--out", str(tmp_path / "cmp")], f"{tmp_path / 'cmp' / 'runs'} is not a writable"),
+             (["sweep", "--grid", "train.lr=0.1", "--out", str(tmp_path / "file")], "is not a writable")]
+    if Path("/sys").is_dir():  # not writable even by root
+        cases.append((["run", "--out", "/sys"], "--out /sys is not a writable directory"))
+    for argv, message in cases:
+        assert message in _error([*argv, "--rounds", "1", *tiny], capsys)
+
+
+def test_write_json_leaves_no_temporary_file_when_it_fails(tmp_path):
+    (tmp_path / "result.json").mkdir()  # os.replace cannot put a file there
+    with pytest.raises(OSError):
+        write_json(tmp_path / "result.json", {"a": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_bad_data_files_are_command_line_errors_naming_the_file(tmp_path, capsys, monkeypatch):
+    _no_runs(monkeypatch)
+    (tmp_path / "renamed.npz").write_text("x,y\n1,2\n")
+    np.savez(tmp_path / "labels.npz", x=np.zeros((20, 3)), y=np.r_[np.arange(19) % 2, 10**9])
+    assert _error(["run", "--data", str(tmp_path / "renamed.npz"), "--out", str(tmp_path / "o")], capsys) == \
+        f"--data: {tmp_path / 'renamed.npz'} is not an .npz file (a zip archive of .npy arrays)"
+    assert f"labels.npz: y must be class indices below MAX_CLASSES = 100000, got {10**9}" in \
+        _error(["compare", "--data", str(tmp_path / "labels.npz"), "--out", str(tmp_path / "o")], capsys)
+
+
+def test_out_of_range_options_and_a_non_utf8_config_are_named(tmp_path, capsys, monkeypatch):
+    _no_runs(monkeypatch)
+    out = ["--out", str(tmp_path / "o")]
+    # before: a traceback from torch.manual_seed ("Overflow when unpacking long long"), and from route in
+    # the first forward pass
+    assert "federation: seed must be < 2**64" in _error(["run", "--seed", str(2**64), *out], capsys)
+    assert "model: num_experts must be at most 4096, got 4097" in \
+        _error(["run", "--num-experts", "4097", *out], capsys)
+    with pytest.raises(ValueError, match="seed must be < 2"):
+        FederationConfig(seed=2**64)
+    FederationConfig(seed=2**64 - 1)
+    with pytest.raises(ValueError, match="num_experts must be at most 4096"):
+        ModelConfig(num_experts=4097)
+    # before: "bad experiment option: 'utf-8' codec can't decode ..."
+    toml = tmp_path / "latin1.toml"
+    toml.write_bytes("[train]\n# débit\nlr = 0.1\n".encode("latin-1"))
+    assert _error(["run", "--config", str(toml), *out], capsys) == \
+        f"--config {toml}: not UTF-8 text (invalid continuation byte at byte 11)"

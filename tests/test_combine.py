@@ -135,6 +135,17 @@ def test_dropped_slots_do_not_leak_non_finite_rows():
         assert out[:, 0].tolist() == [float("inf"), 3.0]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_combine_of_empty_rows_is_empty_with_zero_gradients(backend):
+    # H = 0: embedding_bag (the torch path) raised, the Triton weight gradient divided by zero
+    plan = route(torch.tensor([[0, 1], [1, -1]]), 2, backend=backend)
+    y, w = torch.zeros(3, 0, requires_grad=True), torch.rand(2, 2, requires_grad=True)
+    out = combine(y, plan, w, backend=backend)
+    assert out.shape == (2, 0)
+    out.sum().backward()
+    assert y.grad.shape == (3, 0) and w.grad.eq(0).all()
+
+
 def test_combine_rejects_bad_input():
     plan = route(torch.tensor([[0, 1], [1, -1]]), 2)
     y, w = torch.randn(3, 4), torch.rand(2, 2)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import re
+import zipfile
 
 import numpy as np
 import pytest
 
-from fedmoe.data import load_cifar10, load_dataset, load_digits, load_npz, partition
+from fedmoe.data import MAX_CLASSES, DataSpec, load_cifar10, load_dataset, load_digits, load_npz, partition
 
 # ---------------------------------------------------------------------------------------------- loaders
 
@@ -72,6 +75,82 @@ def test_npz_object_arrays_are_not_unpickled(tmp_path):
     np.savez(tmp_path / "obj.npz", x=np.array([object()] * 4, dtype=object), y=np.arange(4) % 2)
     with pytest.raises(ValueError, match="pickle"):
         load_npz(tmp_path / "obj.npz")
+
+
+def _npz_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+GOOD = _npz_bytes(x=np.zeros((10, 3)), y=np.arange(10) % 2)
+NPY = io.BytesIO()
+np.save(NPY, np.zeros((10, 3)))
+NOT_NPY = io.BytesIO()
+with zipfile.ZipFile(NOT_NPY, "w") as _zip:
+    _zip.writestr("x.npy", b"not an array")
+    _zip.writestr("y.npy", b"nor this")
+# before: EOFError, a "pickled data" ValueError, TypeError, BadZipFile, AttributeError, IndexError, ...
+BAD_FILES = {
+    "empty": (b"", "is not an .npz file"),
+    "garbage": (b"just some text, renamed" * 10, "is not an .npz file"),
+    "renamed .npy": (NPY.getvalue(), "is not an .npz file"),
+    "truncated": (GOOD[: len(GOOD) // 2], "is not an .npz file"),
+    "zip without arrays": (NOT_NPY.getvalue(), "'x' is not an .npy array"),
+    "0-d x": (_npz_bytes(x=np.float64(3.0), y=np.arange(3)), r"x must be .* got shape \(\)"),
+    "no y": (_npz_bytes(x=np.zeros((10, 3))), "must contain arrays 'x' and 'y'"),
+    "lengths differ": (_npz_bytes(x=np.zeros((10, 3)), y=np.arange(9) % 2), "y must be 1-D with 10 entries"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_an_unreadable_npz_is_a_value_error_naming_the_file_and_the_array(tmp_path, case):
+    content, match = BAD_FILES[case]
+    path = tmp_path / "data.npz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + match):
+        load_npz(path)
+
+
+@pytest.mark.parametrize(("arrays", "match"), [
+    ({"y": np.array([0, 1] * 4 + [10**9, 1])},
+     f"y must be class indices below MAX_CLASSES = 100000, got {10**9}$"),
+    ({"y": np.array([0, 1] * 4 + [200_000, 1])}, "y must be class indices below .* got 200000"),
+    ({"y": np.array([0, 1] * 4 + [2**64 - 1, 1], np.uint64)}, "y must be class indices below .* got 1844"),
+    ({"y": np.arange(10) % 2, "x_test": np.zeros((2, 3)), "y_test": np.array([1, 10**6])},
+     "y_test must be class"),
+])
+def test_labels_must_be_class_indices_below_max_classes(tmp_path, arrays, match):
+    # before: a 1e9-class (or 200001-class) dataset, and 2**64 - 1 wrapped to -1
+    np.savez(tmp_path / "labels.npz", x=np.random.default_rng(0).random((10, 3)), **arrays)
+    with pytest.raises(ValueError, match=r"labels\.npz: " + match):
+        load_npz(tmp_path / "labels.npz")
+    with pytest.raises(ValueError, match="num_classes must be at most 100000"):
+        DataSpec((1, 1, 3), MAX_CLASSES + 1)
+
+
+def test_more_classes_than_samples_warns_that_labels_are_not_class_indices(tmp_path):
+    np.savez(tmp_path / "sparse.npz", x=np.random.default_rng(0).random((20, 3)), y=np.arange(20) * 50)
+    with pytest.warns(UserWarning, match="largest label, 950, implies 951 classes for 20 samples"):
+        assert load_npz(tmp_path / "sparse.npz").num_classes == 951
+
+
+def test_huge_values_standardise_in_float64_and_overflow_is_named(tmp_path):
+    # float32 pixels near 3e38 became NaN (float32 statistics overflowed)
+    rng = np.random.default_rng(0)
+    x = (rng.random((40, 2, 3)) * 3e38).astype(np.float32)
+    np.savez(tmp_path / "huge.npz", x=x, y=np.arange(40) % 2)
+    data = load_npz(tmp_path / "huge.npz", seed=1)
+    train = x.astype(np.float64)[np.random.default_rng(1).permutation(40)[8:]]
+    np.testing.assert_allclose(data.x_train[:, 0], (train - train.mean()) / train.std(), rtol=1e-5, atol=1e-5)
+    # a test value so far beyond the training range that its standardised value exceeds float32
+    np.savez(tmp_path / "far.npz", x=rng.random((10, 3)), y=np.arange(10) % 2, x_test=np.full((2, 3), 1e300),
+             y_test=np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"far\.npz: x_test standardised .* exceeds the float32 range"):
+        load_npz(tmp_path / "far.npz")
+    np.savez(tmp_path / "inf.npz", x=np.full((10, 3), np.inf), y=np.arange(10) % 2)
+    with pytest.raises(ValueError, match=r"inf\.npz: x must be finite, got inf in channel 0"):
+        load_npz(tmp_path / "inf.npz")
 
 
 def test_load_dataset_names_what_it_accepts(tmp_path):

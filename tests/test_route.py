@@ -14,7 +14,8 @@ import torch
 from routing_cases import BACKENDS, CASE_IDS, CASES, assert_plan_matches_reference, make_expert_idx
 
 import fedmoe_kernels
-from fedmoe_kernels import route
+from fedmoe_kernels import combine, dispatch, route
+from fedmoe_kernels.route import RoutingPlan
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -72,3 +73,49 @@ def test_op_names_are_the_ops_after_their_modules_are_imported():
 def test_route_rejects_bad_input(expert_idx, num_experts, error, match):
     with pytest.raises(error, match=match):
         route(expert_idx, num_experts)
+
+
+def _fields(plan) -> dict:
+    return {name: getattr(plan, name).clone() for name in ("permutation", "token_index", "offsets",
+                                                            "inverse")}
+
+
+def _corrupt(field: str, index, value):
+    def change(fields):
+        fields[field][index] = value
+        return fields
+    return change
+
+
+# plan of [[1, 1], [1, -1], [0, 0]] over 2 experts: permutation [4, 5, 0, 1, 2], offsets [0, 2, 5],
+# inverse [[2, 3], [4, -1], [0, 1]]
+BAD_PLANS = [
+    ("permutation", lambda f: {**f, "permutation": f["permutation"].int()}),
+    ("token_index", lambda f: {**f, "token_index": [2, 2, 0, 0, 1]}),
+    ("inverse", lambda f: {**f, "inverse": f["inverse"].T}),
+    ("inverse", lambda f: {**f, "inverse": f["inverse"].reshape(-1)}),
+    ("offsets", lambda f: {**f, "offsets": f["offsets"][:1]}),
+    ("permutation", lambda f: {**f, "permutation": f["permutation"][None]}),
+    ("token_index", lambda f: {**f, "token_index": f["token_index"][:4]}),
+    ("offsets", _corrupt("offsets", 1, 6)),
+    ("offsets", _corrupt("offsets", 2, 4)),
+    ("permutation", _corrupt("permutation", 0, 1_000_000)),
+    ("permutation", _corrupt("permutation", 0, -7)),
+    ("token_index", _corrupt("token_index", 0, 1_000_000)),
+    ("inverse", _corrupt("inverse", (0, 0), 1_000_000)),
+    ("inverse", _corrupt("inverse", (1, 1), 0)),
+    ("inverse", _corrupt("inverse", (0, 0), 3)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("field", "change"), BAD_PLANS, ids=[f"{f}-{i}" for i, (f, _) in
+                                                              enumerate(BAD_PLANS)])
+def test_a_hand_built_plan_is_checked_before_any_backend_reads_it(backend, field, change):
+    # the Triton kernels read out of bounds where the torch path raised
+    plan = route(torch.tensor([[1, 1], [1, -1], [0, 0]]), 2, backend=backend)
+    assert dispatch(torch.ones(3, 4), RoutingPlan(**_fields(plan)), backend=backend).shape == (5, 4)
+    with pytest.raises((TypeError, ValueError), match=f"plan.{field}"):
+        bad = RoutingPlan(**change(_fields(plan)))
+        dispatch(torch.ones(3, 4), bad, backend=backend)
+        combine(torch.ones(5, 4), bad, torch.ones(3, 2), backend=backend)

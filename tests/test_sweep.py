@@ -101,6 +101,22 @@ def test_fedmoe_sweep_runs_a_grid_over_seeds_and_writes_table_and_heatmaps(small
     assert "fitness.ema" in capsys.readouterr().err
 
 
+def test_a_failing_run_is_named_with_its_grid_point_not_blamed_on_grid(small_npz, tmp_path, capsys):
+    # before: "fedmoe: error: --grid: num_clients=4 with min_samples=200 needs more than the 320 samples"
+    args = ["sweep", "--data", small_npz, "--federation.num_clients", "4", "--federation.clients_per_round",
+            "2", "--rounds", "1", "--num-experts", "4", "--model.d_model", "8", "--model.d_hidden", "16",
+            "--model.channels", "4", "--alignment.max_experts", "2", "--seeds", "1", "--quiet",
+            "--grid", "data.min_samples=200,8"]
+    for workers in ("1", "2"):
+        with pytest.raises(SystemExit) as exc:
+            main([*args, "--workers", workers, "--out", str(tmp_path / workers)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "Traceback" not in err and "--grid" not in err
+        assert err.strip().splitlines()[-1] == (
+            "fedmoe: error: run point000-seed0 (grid point {'data.min_samples': 200}): num_clients=4 with "
+            "min_samples=200 needs more than the 320 samples")
+
+
 def _summary(shape: tuple[int, ...], seeds: int = 2) -> dict:
     rng = np.random.default_rng(0)
     axes = [{"label": f"a{i}", "names": [f"a{i}"], "values": [str(v) for v in range(n)]}

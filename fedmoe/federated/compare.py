@@ -18,8 +18,22 @@ from tqdm.auto import tqdm
 from fedmoe.federated.config import FederatedConfig
 from fedmoe.federated.runner import run_experiment
 
-__all__ = ["compare_configs", "compare_strategies", "format_table", "run_configs", "run_to_file", "summarize",
-           "write_json"]
+__all__ = ["RunError", "compare_configs", "compare_strategies", "format_table", "run_configs", "run_to_file",
+           "summarize", "write_json"]
+
+_INPUT_ERRORS = (OSError, TypeError, ValueError)  # what a run raises for a bad input (data, files, options)
+
+
+class RunError(Exception):
+    """A run of :func:`run_configs` failed on a bad input (the ``__cause__``, a ValueError, TypeError or
+    OSError): ``name`` is the run, ``error`` the message of the cause."""
+
+    def __init__(self, name: str, error: str):
+        super().__init__(name, error)
+        self.name, self.error = name, error
+
+    def __str__(self) -> str:
+        return f"run {self.name}: {self.error}"
 
 
 def write_json(path, obj) -> None:
@@ -27,8 +41,12 @@ def write_json(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def run_to_file(config: dict, path: str, checkpoint: str, resume: bool, threads: int, progress: bool) -> dict:
@@ -48,7 +66,8 @@ def run_configs(configs: Mapping[str, FederatedConfig], runs, *, workers: int = 
 
     Each run writes ``runs/<name>.json`` and a checkpoint ``runs/<name>.pt``. ``workers`` > 1 runs them
     in that many processes (``threads`` torch threads each). With ``resume``, finished runs whose JSON
-    holds the same config are kept and unfinished ones continue from their checkpoints.
+    holds the same config are kept and unfinished ones continue from their checkpoints. A run that fails on
+    a bad input raises :class:`RunError` naming it (runs not yet started are cancelled).
     """
     for name, value in (("workers", workers), ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -65,7 +84,10 @@ def run_configs(configs: Mapping[str, FederatedConfig], runs, *, workers: int = 
     with tqdm(total=len(jobs), initial=len(done), desc="runs", unit="run", disable=not progress) as bar:
         if workers == 1:
             for name in todo:
-                done[name] = run_to_file(*jobs[name], resume, threads, progress)
+                try:
+                    done[name] = run_to_file(*jobs[name], resume, threads, progress)
+                except _INPUT_ERRORS as exc:
+                    raise RunError(name, str(exc)) from exc
                 bar.update()
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -73,7 +95,11 @@ def run_configs(configs: Mapping[str, FederatedConfig], runs, *, workers: int = 
                            for name in todo}
                 for future in as_completed(futures):
                     name = futures[future]
-                    done[name] = future.result()
+                    try:
+                        done[name] = future.result()
+                    except _INPUT_ERRORS as exc:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        raise RunError(name, str(exc)) from exc
                     bar.set_postfix_str(f"{name}: acc {done[name]['final_accuracy']:.3f}")
                     bar.update()
     return {name: done[name] for name in jobs}

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmoe.federated.compare import run_configs
+from fedmoe.federated.compare import RunError, run_configs
 from fedmoe.federated.config import FederatedConfig
 
 __all__ = ["METRICS", "Axis", "format_sweep", "parse_axis", "run_sweep"]
@@ -91,7 +91,8 @@ def run_sweep(base: FederatedConfig, axes: Sequence[Axis], seeds: Sequence[int],
     :func:`fedmoe.federated.compare.run_configs`). Returns the summary: ``base`` config, ``axes``
     (label, names, formatted values), ``seeds`` and one entry per ``points`` with its ``values`` (axis
     label -> formatted value) and per metric of :data:`METRICS` the per-seed list, mean, std, min and max.
-    Every point's config is checked before anything runs (ValueError naming the point)."""
+    Every point's config is checked before anything runs (ValueError naming the point); a run that fails on
+    a bad input raises :class:`~fedmoe.federated.compare.RunError` naming the run and its grid point."""
     axes, seeds = list(axes), list(seeds)
     if not axes or not all(isinstance(a, Axis) for a in axes):
         raise TypeError("axes must be a non-empty sequence of Axis")
@@ -101,15 +102,19 @@ def run_sweep(base: FederatedConfig, axes: Sequence[Axis], seeds: Sequence[int],
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {seeds}")
     points = _points(axes)
-    configs = {}
+    configs, where = {}, {}
     for i, point in enumerate(points):
         try:
             config = base.replace(_changes(axes, point))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"grid point {_changes(axes, point)}: {exc}") from None
         configs.update({f"point{i:03d}-seed{s}": config.replace({"federation.seed": s}) for s in seeds})
-    results = run_configs(configs, Path(out) / "runs", workers=workers, threads=threads, resume=resume,
-                          progress=progress)
+        where.update({f"point{i:03d}-seed{s}": f"grid point {_changes(axes, point)}" for s in seeds})
+    try:
+        results = run_configs(configs, Path(out) / "runs", workers=workers, threads=threads, resume=resume,
+                              progress=progress)
+    except RunError as exc:
+        raise RunError(f"{exc.name} ({where[exc.name]})", exc.error) from exc.__cause__
     summary = {"base": base.to_dict(), "seeds": seeds,
                "axes": [{"label": a.label, "names": list(a.names), "values": [a.format(v) for v in a.values]}
                         for a in axes], "points": []}

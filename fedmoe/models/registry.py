@@ -10,6 +10,7 @@ from fedmoe.alignment import _checks
 from fedmoe.data import DataSpec
 from fedmoe.models.classifier import ClassificationTask, MoEClassifier
 from fedmoe.models.protocol import FederatedMoE, Task
+from fedmoe_kernels.route import MAX_EXPERTS
 
 __all__ = ["MODEL_KINDS", "ModelConfig", "build_model", "build_task"]
 
@@ -19,8 +20,8 @@ MODEL_KINDS = ("classifier",)
 @dataclass(frozen=True)
 class ModelConfig:
     """``kind``: the model (``classifier``: :class:`~fedmoe.models.MoEClassifier`, a convolutional backbone
-    with ``channels`` per layer, then one MoE layer); ``num_experts`` E, ``top_k`` experts per token,
-    ``d_model`` token width, ``d_hidden`` expert hidden width."""
+    with ``channels`` per layer, then one MoE layer); ``num_experts`` E (at most 4096), ``top_k`` experts per
+    token, ``d_model`` token width, ``d_hidden`` expert hidden width."""
 
     kind: str = "classifier"
     num_experts: int = 8
@@ -34,6 +35,8 @@ class ModelConfig:
             raise ValueError(f"kind must be one of {list(MODEL_KINDS)}, got {self.kind!r}")
         for name in ("num_experts", "top_k", "d_model", "d_hidden"):
             _checks.integer(name, getattr(self, name), 1)
+        if self.num_experts > MAX_EXPERTS:
+            raise ValueError(f"num_experts must be at most {MAX_EXPERTS}, got {self.num_experts}")
         if self.top_k > min(8, self.num_experts):
             raise ValueError(f"top_k must be <= min(8, num_experts) = {min(8, self.num_experts)}, "
                              f"got {self.top_k}")
