@@ -4,7 +4,8 @@ simulation, checkpoints and resume."""
 from __future__ import annotations
 
 import dataclasses
-import pickle
+import hashlib
+import io
 import sys
 
 import numpy as np
@@ -490,11 +491,10 @@ def test_checkpoints_are_atomic_and_load_only_plain_data(tmp_path, monkeypatch):
     assert loaded["a"].dtype == torch.int32 and loaded["b"] == {"c": [1.5, "x", None], "d": 2.0}
     np.testing.assert_array_equal(checkpoint_module.to_numpy(loaded)["a"], state["a"])
 
-    def crash(obj, f):  # dies half-way through writing
-        f.write(b"partial")
+    def crash(fd):  # the disk fills up while the new file is flushed
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", crash)
+    monkeypatch.setattr(checkpoint_module.os, "fsync", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, {"a": np.zeros(1)})
     monkeypatch.undo()
@@ -505,8 +505,11 @@ def test_checkpoints_are_atomic_and_load_only_plain_data(tmp_path, monkeypatch):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    torch.save({"x": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    evil = io.BytesIO()
+    torch.save({"x": Payload()}, evil)  # with a valid checksum: only weights_only stands in the way
+    digest = hashlib.sha256(evil.getvalue()).hexdigest()
+    (tmp_path / "evil.pt").write_bytes(b"fedmoe-checkpoint sha256=%s\n" % digest.encode() + evil.getvalue())
+    with pytest.raises(ValueError, match="cannot be read: UnpicklingError"):
         load_checkpoint(tmp_path / "evil.pt")
 
 

@@ -1,6 +1,7 @@
 """The federated loop (docs/design.md, The federated round): the configuration tree, client nodes, server
 round steps, simulated heterogeneous clients, atomic checkpoints, and the runner that ties them together."""
 
+from fedmoe.federated.bounds import AggregationConfig, Bounds
 from fedmoe.federated.checkpoint import load_checkpoint, save_checkpoint
 from fedmoe.federated.compare import compare_configs, compare_strategies, format_table, run_configs, summarize
 from fedmoe.federated.config import EvaluationConfig, FederatedConfig, FederationConfig, Option
@@ -30,6 +31,8 @@ from fedmoe.federated.server import Faults, RoundPlan, RoundReport, Server, chec
 from fedmoe.federated.simulation import ClientReply, Simulation, SimulationConfig, make_profiles, model_cost
 
 __all__ = [
+    "AggregationConfig",
+    "Bounds",
     "ClientPayload",
     "ClientReply",
     "ClientUpdate",

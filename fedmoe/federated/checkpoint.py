@@ -1,17 +1,28 @@
-"""Atomic checkpoints of plain data: dicts, lists, strings, numbers and tensors, saved with ``torch.save``
-and loaded with ``torch.load(weights_only=True)`` (no arbitrary objects are unpickled). numpy arrays are
-stored as tensors (:func:`to_tensors`) and read back with :func:`to_numpy`."""
+"""Atomic, checksummed checkpoints of plain data: dicts, lists, strings, numbers and tensors, saved with
+``torch.save`` and loaded with ``torch.load(weights_only=True)`` (no arbitrary objects are unpickled).
+numpy arrays are stored as tensors (:func:`to_tensors`) and read back with :func:`to_numpy`.
+
+File format: one header line ``fedmoe-checkpoint sha256=<64 hex digits>``, then the ``torch.save`` bytes.
+:func:`load_checkpoint` checks the SHA-256 of those bytes before it unpickles anything, so a flipped bit
+anywhere in the data is refused with an error naming the file; so are non-finite floating-point values
+(:func:`check_finite`)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["load_checkpoint", "save_checkpoint", "to_numpy", "to_tensors"]
+__all__ = ["check_finite", "load_checkpoint", "save_checkpoint", "to_numpy", "to_tensors"]
+
+_HEADER = re.compile(rb"fedmoe-checkpoint sha256=([0-9a-f]{64})\n")
 
 
 def to_tensors(tree):
@@ -43,10 +54,14 @@ def save_checkpoint(path, state: dict) -> None:
     same directory, flushed to disk, then renamed over ``path``. A crash leaves the old file or the new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = io.BytesIO()
+    torch.save(to_tensors(state), data)
+    data = data.getbuffer()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(to_tensors(state), f)
+            f.write(b"fedmoe-checkpoint sha256=%s\n" % hashlib.sha256(data).hexdigest().encode())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,9 +75,44 @@ def save_checkpoint(path, state: dict) -> None:
         os.close(dir_fd)
 
 
+def check_finite(tree, where: str = "") -> str | None:
+    """The path of the first non-finite float (tensor, array or number) in ``tree``; None if all are."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    else:
+        if isinstance(tree, torch.Tensor) and tree.is_floating_point():
+            finite = bool(torch.isfinite(tree).all())
+        elif isinstance(tree, np.ndarray) and np.issubdtype(tree.dtype, np.floating):
+            finite = bool(np.isfinite(tree).all())
+        else:
+            finite = not isinstance(tree, float) or math.isfinite(tree)
+        return None if finite else where or "value"
+    for key, value in items:
+        if (bad := check_finite(value, f"{where}.{key}" if where else str(key))) is not None:
+            return bad
+    return None
+
+
 def load_checkpoint(path) -> dict:
-    """The state saved at ``path`` (tensors stay tensors; see :func:`to_numpy`)."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    """The state saved at ``path`` (tensors stay tensors; see :func:`to_numpy`), after checking its
+    checksum; ``ValueError`` naming the file if it is not an intact fedmoe checkpoint."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    header = _HEADER.match(raw)
+    if header is None:
+        raise ValueError(f"{path} is not a fedmoe checkpoint (no checksum header)")
+    data = memoryview(raw)[header.end():]
+    if hashlib.sha256(data).hexdigest().encode() != header.group(1):
+        raise ValueError(f"checkpoint {path} is corrupt: its SHA-256 differs from the one saved with it")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure: an unusable file
+        raise ValueError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a checkpoint dict")
     return state

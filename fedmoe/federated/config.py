@@ -14,6 +14,7 @@ section                            dataclass
 ``[load]``                         :class:`fedmoe.alignment.LoadConfig`
 ``[profiles]``                     :class:`fedmoe.alignment.ProfileConfig`
 ``[drift]``                        :class:`fedmoe.alignment.DriftConfig`
+``[aggregation]``                  :class:`fedmoe.federated.AggregationConfig`
 ``[simulation]``                   :class:`fedmoe.federated.SimulationConfig`
 ``[evaluation]``                   :class:`EvaluationConfig`
 =================================  =========================================================
@@ -43,6 +44,7 @@ from fedmoe.alignment import (
     _checks,
 )
 from fedmoe.data import DataConfig
+from fedmoe.federated.bounds import AggregationConfig
 from fedmoe.federated.node import TrainConfig
 from fedmoe.federated.simulation import SimulationConfig
 from fedmoe.models import ModelConfig
@@ -53,8 +55,9 @@ __all__ = ["EvaluationConfig", "FederatedConfig", "FederationConfig", "Option"]
 @dataclass(frozen=True)
 class FederationConfig:
     """The ``[federation]`` section: ``num_clients``, ``clients_per_round`` (sampled from the online
-    clients; 0 = all), ``rounds``, ``seed`` (same config and seed, same result) and the round ``deadline``
-    in seconds (None = no deadline; replies after it are left out, and ``deadline-aware`` plans with it)."""
+    clients; 0 = all), ``rounds``, ``seed`` (below 2**64; same config and seed, same result) and the round
+    ``deadline`` in seconds (None = no deadline; replies after it are left out, and ``deadline-aware`` plans
+    with it)."""
 
     num_clients: int = 20
     clients_per_round: int = 10
@@ -67,6 +70,8 @@ class FederationConfig:
         _checks.integer("clients_per_round", self.clients_per_round, 0)
         _checks.integer("rounds", self.rounds, 0)
         _checks.integer("seed", self.seed, 0)
+        if self.seed >= 2**64:
+            raise ValueError(f"seed must be < 2**64 (a torch seed), got {self.seed}")
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) must be <= num_clients "
                              f"({self.num_clients})")
@@ -138,6 +143,7 @@ class FederatedConfig:
     load: LoadConfig = field(default_factory=LoadConfig)
     profiles: ProfileConfig = field(default_factory=ProfileConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 

@@ -33,7 +33,7 @@ from fedmoe.models import build_model, build_task
 __all__ = ["CHECKPOINT_VERSION", "FederatedRun", "build_nodes", "initial_model", "load_data",
            "partition_clients", "rounds_to_target", "run_experiment"]
 
-CHECKPOINT_VERSION = 3  # 3: the config is the tree of sections
+CHECKPOINT_VERSION = 4  # 4: checksummed files, the [aggregation] section
 
 
 def rounds_to_target(accuracies, target: float) -> int | None:
@@ -224,7 +224,10 @@ def run_experiment(config: FederatedConfig, *, checkpoint=None, resume: bool = F
     start = time.perf_counter()
     run = FederatedRun(config, dataset)
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        run.load_state_dict(load_checkpoint(checkpoint))
+        try:
+            run.load_state_dict(load_checkpoint(checkpoint))
+        except ValueError as exc:
+            raise ValueError(f"cannot resume from {checkpoint}: {exc}") from None
     elif config.fitness.cold_start:
         run.cold_start()
     rounds = config.federation.rounds

@@ -2,15 +2,17 @@
 explicit state.
 
 A round is ``configure`` (select the online clients to ask, align them with experts, build a payload per
-client) -> clients train -> ``aggregate``, in four named steps: :meth:`Server.filter_replies` (leave out
-faulty replies), :meth:`Server.merge` (weighted FedAvg of the shared parameters, per-expert
-:func:`fedmoe_kernels.aggregate` of the experts), :meth:`Server.update_alignment` (fitness, load,
-profiles, drift) and :meth:`Server.report` -> ``evaluate``. A Flower strategy maps its configure/aggregate
-calls onto the same methods.
+client) -> clients train -> ``aggregate``, in five named steps: :meth:`Server.filter_replies` (leave out
+faulty replies), :meth:`Server.bound_updates` (learn the round's bounds on update norms, leave out or
+clip what exceeds them), :meth:`Server.merge` (the shared parameters and, per expert, the experts, with
+:func:`fedmoe_kernels.aggregate`), :meth:`Server.update_alignment` (fitness, load, profiles, drift) and
+:meth:`Server.report` -> ``evaluate``. A Flower strategy maps its configure/aggregate calls onto the same
+methods.
 
 Fault filtering: a reply is left out of the round's aggregation, and reported, when it never came
 (``dropped``), came after the deadline (``late``) or is malformed (``invalid``: wrong client or experts,
-wrong shapes or dtypes, non-finite values, nonsensical feedback).
+wrong shapes or dtypes, non-finite values, nonsensical feedback, more samples than the client registered,
+or, under ``norm_action = "reject"``, an update above the round's bound; :mod:`fedmoe.federated.bounds`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from fedmoe.alignment import (
     make_strategy,
 )
 from fedmoe.data import Samples
-from fedmoe.federated.checkpoint import to_numpy
+from fedmoe.federated.bounds import Bounds, delta_norms
+from fedmoe.federated.checkpoint import check_finite, to_numpy
 from fedmoe.federated.config import FederatedConfig
 from fedmoe.federated.node import ClientPayload, ClientUpdate, ExpertFeedback, load_shared, shared_vector
 from fedmoe.federated.simulation import ClientReply
@@ -214,12 +217,13 @@ class Server:
     # ------------------------------------------------------------------ aggregate
 
     def aggregate(self, plan: RoundPlan, replies: Mapping[int, ClientReply]) -> RoundReport:
-        """The round's aggregation in four steps: filter replies, merge the accepted updates into the model,
-        update the alignment state, report; then advance the round."""
+        """The round's aggregation in five steps: filter replies, bound the updates, merge them into the
+        model, update the alignment state, report; then advance the round."""
         if plan.round != self.round:
             raise ValueError(f"plan is for round {plan.round}, the server is at round {self.round}")
         accepted, faults = self.filter_replies(plan, replies)
-        rejected = self.merge(accepted)
+        accepted, bounds = self.bound_updates(plan, accepted, faults)
+        rejected = self.merge(accepted, bounds)
         reset, error = self.update_alignment(plan, accepted, faults.seconds)
         self.round += 1
         return self.report(plan, accepted, faults, rejected, reset, error)
@@ -236,12 +240,17 @@ class Server:
     def filter_replies(self, plan: RoundPlan,
                        replies: Mapping[int, ClientReply]) -> tuple[list[ClientUpdate], Faults]:
         """The updates that can be aggregated, in payload order, and what was left out: replies that never
-        came (``dropped``), came after the deadline (``late``) or fail :func:`check_update` (``invalid``)."""
+        came (``dropped``), came after the deadline (``late``), fail :func:`check_update` or claim more
+        samples than the client registered (``invalid``)."""
         deadline = self.config.federation.deadline
         accepted: list[ClientUpdate] = []
         faults = Faults(seconds=np.full(len(plan.payloads), np.nan))
         for i, (client, payload) in enumerate(plan.payloads.items()):
             reply = replies.get(client)
+            if reply is not None and reply.malformed:
+                faults.seconds[i] = reply.seconds
+                faults.invalid[str(client)] = reply.error or "malformed reply"
+                continue
             if reply is None or reply.update is None:
                 faults.dropped[str(client)] = "no reply" if reply is None else (reply.error or "no reply")
                 continue
@@ -251,20 +260,51 @@ class Server:
                 faults.late[str(client)] = f"replied after {reply.seconds:.3g} s > deadline {deadline:.3g} s"
             elif (reason := check_update(reply.update, payload, self.num_experts)) is not None:
                 faults.invalid[str(client)] = reason
+            elif reply.update.num_samples > (registered := int(self.profiles.samples[client])):
+                faults.invalid[str(client)] = (f"claims {reply.update.num_samples} samples, registered "
+                                               f"{registered}")
             else:
                 accepted.append(reply.update)
         return accepted, faults
 
-    def merge(self, updates: list[ClientUpdate]) -> int:
-        """Weighted FedAvg of the shared vectors (weights: local samples) and per-expert aggregation of the
-        expert rows (weights: samples routed to the expert), both with ``fedmoe_kernels.aggregate``, in
-        place. Returns the rows the kernel rejected."""
+    def bound_updates(self, plan: RoundPlan, updates: list[ClientUpdate],
+                      faults: Faults) -> tuple[list[ClientUpdate], Bounds]:
+        """Learn the round's :class:`~fedmoe.federated.Bounds` from the delta norms of ``updates`` (the
+        filtered replies); under ``norm_action = "reject"`` move the replies above them to
+        ``faults.invalid``. Returns the updates to merge and the bounds to clip them to (none after a
+        rejection)."""
+        config = self.config.aggregation
+        if not updates or config.norm_bound == 0:
+            return updates, Bounds()
+        base = plan.payloads[updates[0].client].shared  # every payload carries the same shared vector
+        shared = delta_norms(torch.stack([u.shared for u in updates]), base)
+        experts = [delta_norms(u.expert_rows, plan.payloads[u.client].expert_rows) for u in updates]
+        bounds = Bounds.learn(config, shared, np.concatenate(experts))
+        if config.norm_action == "clip":
+            return updates, bounds
+        kept = []
+        for update, s, e in zip(updates, shared, experts, strict=True):
+            if (reason := bounds.exceeded(float(s), e)) is not None:
+                faults.invalid[str(update.client)] = reason
+            else:
+                kept.append(update)
+        return kept, Bounds()
+
+    def merge(self, updates: list[ClientUpdate], bounds: Bounds | None = None) -> int:
+        """Merge the shared vectors (weights: local samples) and, per expert, the expert rows (weights:
+        samples routed to the expert) into the model in place, both with ``fedmoe_kernels.aggregate`` and
+        ``[aggregation] method`` (the robust methods ignore the weights), each delta clipped to
+        ``bounds``. Returns the rows the kernel rejected."""
         if not updates:
             return 0
+        bounds = bounds or Bounds()
+        config = self.config.aggregation
+        robust = {"method": config.method, "trim": config.trim if config.method == "trimmed-mean" else 0.0}
         shared = torch.stack([u.shared for u in updates])
         weights = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
         base = shared_vector(self.model)[None]
-        merged = aggregate(shared, torch.zeros(len(updates), dtype=torch.int64), weights, 1, base, out=base)
+        merged = aggregate(shared, torch.zeros(len(updates), dtype=torch.int64), weights, 1, base, out=base,
+                           max_norm=bounds.shared, **robust)
         load_shared(self.model, merged.bank[0])
         with torch.no_grad():
             rows = torch.cat([u.expert_rows for u in updates])
@@ -272,7 +312,8 @@ class Server:
             routed = np.concatenate([u.feedback.samples for u in updates])
             weights = torch.from_numpy(routed.astype(np.float64))
             bank = self.model.expert_bank.data
-            result = aggregate(rows, experts, weights, self.num_experts, bank, out=bank)
+            result = aggregate(rows, experts, weights, self.num_experts, bank, out=bank,
+                               max_norm=bounds.expert, **robust)
         return int(merged.rejected.sum() + result.rejected.sum())
 
     def update_alignment(self, plan: RoundPlan, accepted: list[ClientUpdate],
@@ -351,10 +392,13 @@ class Server:
                 "strategy": self.strategy.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore :meth:`state_dict` output (numpy arrays may come back as tensors)."""
+        """Restore :meth:`state_dict` output (numpy arrays may come back as tensors); state with a
+        non-finite float anywhere is refused before anything changes."""
         missing = {"round", "model", "fitness", "load", "profiles", "drift", "strategy"} - set(state)
         if missing:
             raise ValueError(f"server state is missing {sorted(missing)}")
+        if (bad := check_finite(state)) is not None:
+            raise ValueError(f"server state holds non-finite values in {bad}")
         self.model.load_state_dict(state["model"])
         self.fitness.load_state_dict(to_numpy(state["fitness"]))
         self.load.load_state_dict(to_numpy(state["load"]))

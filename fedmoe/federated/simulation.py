@@ -14,7 +14,8 @@ true memory are further off by per-client factors drawn uniformly from [1 - e, 1
 experts than its true memory holds fails ("out of memory"). Each round a client is online with
 probability ``availability``; an online client that was given work drops out mid-round (no reply) with
 probability ``1 - reliability`` when ``dropout`` is on, and independently with probability
-``dropout_rate``; its reply is corrupted (non-finite values) with probability ``corrupt``.
+``dropout_rate``; its reply is corrupted (non-finite values) with probability ``corrupt``, and poisoned
+with probability ``poison`` (a hostile client: finite values built to do harm, :data:`POISON_MODES`).
 
 Drift: from round ``drift_round`` on (0 = never), a ``drift_fraction`` of the clients hold different data
 of the same size: every label ``y`` of their partition becomes ``(y + shift) mod classes`` and the sample
@@ -55,6 +56,12 @@ _SPREAD = {"heterogeneous": 0.3, "uniform": 0.0}
 _HIDDEN_SIGMA, _JITTER_SIGMA = 0.25, 0.1
 _ONLINE, _CLIENT, _HIDDEN, _ERROR, _DRIFT = 1, 2, 3, 4, 5  # random streams
 
+POISON_MODES = {
+    "scale": "every value x1e30, clamped to the dtype's finite range",
+    "sign-flip": "the update's delta from the received values x-100",
+    "inflate-samples": "the sample counts (local and per expert) x1e12",
+}
+
 
 @dataclass(frozen=True)
 class SimulationConfig:
@@ -62,15 +69,18 @@ class SimulationConfig:
     ``availability`` (probability a client is online at a round), ``dropout`` (clients drop out mid-round
     with their tier's unreliability), ``dropout_rate`` (a further, independent probability of dropping
     out mid-round, for every client), ``corrupt`` (probability that a reply comes back with non-finite
-    values; a fault drill), ``profile_error`` (true speed and memory are the self-reported ones times a
-    factor drawn from [1 - e, 1 + e]), ``drift_round`` (from this round on, a ``drift_fraction`` of the
-    clients hold data with their labels permuted; 0 = no drift)."""
+    values; a fault drill), ``poison`` (probability that a reply comes back poisoned, as ``poison_mode``
+    says: one of :data:`POISON_MODES`; an attack drill), ``profile_error`` (true speed and memory are the
+    self-reported ones times a factor drawn from [1 - e, 1 + e]), ``drift_round`` (from this round on, a
+    ``drift_fraction`` of the clients hold data with their labels shifted; 0 = no drift)."""
 
     tiers: str = "heterogeneous"
     availability: float = 1.0
     dropout: bool = True
     dropout_rate: float = 0.0
     corrupt: float = 0.0
+    poison: float = 0.0
+    poison_mode: str = "scale"
     profile_error: float = 0.0
     drift_round: int = 0
     drift_fraction: float = 0.5
@@ -82,6 +92,9 @@ class SimulationConfig:
         _checks.boolean("dropout", self.dropout)
         _checks.real("dropout_rate", self.dropout_rate, 0.0, 1.0, hi_open=True)
         _checks.real("corrupt", self.corrupt, 0.0, 1.0)
+        _checks.real("poison", self.poison, 0.0, 1.0)
+        if self.poison_mode not in POISON_MODES:
+            raise ValueError(f"poison_mode must be one of {list(POISON_MODES)}, got {self.poison_mode!r}")
         _checks.real("profile_error", self.profile_error, 0.0, 1.0, hi_open=True)
         _checks.integer("drift_round", self.drift_round, 0)
         _checks.real("drift_fraction", self.drift_fraction, 0.0, 1.0)
@@ -89,13 +102,15 @@ class SimulationConfig:
 
 @dataclass(frozen=True)
 class ClientReply:
-    """What came back from one client: ``update`` (None if it never replied), ``seconds`` after the round
-    started when it arrived (NaN if never), ``error`` (why there is no update, if known)."""
+    """What came back from one client: ``update`` (None if it never replied, or if its reply could not be
+    parsed: ``malformed``), ``seconds`` after the round started when it arrived (NaN if never), ``error``
+    (why there is no update, if known)."""
 
     client: int
     update: ClientUpdate | None
     seconds: float
     error: str | None = None
+    malformed: bool = False
 
 
 def model_cost(model: FederatedMoE, example: torch.Tensor, epochs: int) -> ModelCost:
@@ -133,6 +148,24 @@ def make_profiles(samples: np.ndarray, cost: ModelCost, tiers: str, seed: int,
     drawn = generate_profiles(samples.size, preset, seed=seed, model=cost)
     return ClientProfile(drawn.compute, np.maximum(drawn.memory, memory(1)), drawn.bandwidth, drawn.latency,
                            drawn.reliability, samples, model=cost, config=config, tier=drawn.tier)
+
+
+def poisoned(update: ClientUpdate, payload: ClientPayload, mode: str) -> ClientUpdate:
+    """``update`` as a hostile client would send it instead (``mode``: a key of :data:`POISON_MODES`)."""
+    if mode == "inflate-samples":
+        fb = {f: dataclasses.replace(getattr(update, f), samples=getattr(update, f).samples * 1e12)
+              for f in ("feedback", "feedback_before")}
+        return dataclasses.replace(update, num_samples=update.num_samples * 10**12, **fb)
+    if mode == "scale":
+        big = torch.finfo(update.shared.dtype).max
+
+        def harm(values, _):
+            return (values * 1e30).clamp(-big, big)
+    else:
+        def harm(values, received):
+            return received - 100 * (values - received)
+    return dataclasses.replace(update, shared=harm(update.shared, payload.shared),
+                               expert_rows=harm(update.expert_rows, payload.expert_rows))
 
 
 class Simulation:
@@ -206,7 +239,7 @@ class Simulation:
             train: Callable[[ClientPayload, Samples], ClientUpdate]) -> ClientReply:
         """Play one client's round (see class docstring)."""
         c = payload.client
-        drop, corrupt, extra_drop = self._rng(_CLIENT, payload.round, c, 1).random(3)
+        drop, corrupt, extra_drop, poison = self._rng(_CLIENT, payload.round, c, 1).random(4)
         cfg = self.config
         if (cfg.dropout and drop >= self.truth.reliability[c]) or extra_drop < cfg.dropout_rate:
             return ClientReply(c, None, float("nan"), "dropped out")
@@ -218,4 +251,6 @@ class Simulation:
             return ClientReply(c, None, float("nan"), f"{type(exc).__name__}: {exc}")
         if corrupt < cfg.corrupt:
             update = dataclasses.replace(update, shared=torch.full_like(update.shared, float("nan")))
+        if poison < cfg.poison:
+            update = poisoned(update, payload, cfg.poison_mode)
         return ClientReply(c, update, self.true_seconds(payload.round, c, payload.experts.size))
