@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import os
+import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import tracemalloc
 import urllib.request
 from pathlib import Path
 
@@ -23,9 +27,10 @@ from flwr.common.config import flatten_dict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmoe.federated import ClientReply, FederatedConfig, FederatedRun, load_checkpoint
+from fedmoe.federated import ClientReply, FederatedConfig, FederatedRun, load_checkpoint, shared_vector
 from fedmoe.flower import EXPERT_ROWS, FedMoEStrategy, client_app, federated_config
 from fedmoe.flower.client_app import node_of
+from fedmoe.flower.records import pack_arrays, pinned_nodes, unpack_array, unpack_arrays
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -238,7 +243,7 @@ def test_the_gate_affinity_travels_with_a_train_reply_only_under_drift_rescore(r
     for reply in replies:
         client = strategy.nodes[reply.metadata.src_node_id]
         metrics = reply.content.metric_records["metrics"]
-        parsed = strategy._reply(client, reply).update
+        parsed = strategy._reply(client, reply, plan.payloads[client].experts.size).update
         if not rescore:
             assert "affinity" not in metrics and parsed.affinity is None
             continue
@@ -275,9 +280,9 @@ def test_aggregate_filters_faults_and_updates_fitness_and_load_from_metrics():
     arrays, metrics = strategy.aggregate_train(1, replies)
     report = strategy.history[-1]
     assert report["accepted"] == [3]
-    assert "boom" in report["dropped"]["0"] and "malformed reply" in report["dropped"]["1"]
+    assert "boom" in report["dropped"]["0"] and "malformed reply" in report["invalid"]["1"]
     assert "non-finite" in report["invalid"]["2"]
-    assert metrics["accepted"] == 1 and metrics["dropped"] == 2 and metrics["invalid"] == 1
+    assert metrics["accepted"] == 1 and metrics["dropped"] == 1 and metrics["invalid"] == 2
     # only client 3's experts moved; fitness and load follow its MetricRecord as fedmoe's server has them
     good = next(r for r in replies if r.metadata.src_node_id == by_client[3])
     trained = good.content.config_records["config"]["experts"]
@@ -322,7 +327,7 @@ def test_registration_uses_node_config_profiles_and_rejects_bad_nodes():
     strategy = strategy_for(config, min_nodes=3)
     messages = list(strategy.configure_train(1, strategy.arrays(), ConfigRecord(), grid))
     assert strategy.nodes == {10: 0, 12: 1, 15: 3}
-    assert "partition-id" in strategy.rejected[11] and "already taken" in strategy.rejected[13]
+    assert "partition-id" in strategy.rejected[11] and "already bound to node 12" in strategy.rejected[13]
     assert "num-partitions" in strategy.rejected[14] and "no reply" in strategy.rejected[16]
     assert "reliability" in strategy.rejected[17]
     assert strategy.server.profiles.memory[0] == memory and strategy.server.profiles.latency[0] == 0.5
@@ -332,6 +337,229 @@ def test_registration_uses_node_config_profiles_and_rejects_bad_nodes():
     assert sorted(experts) == [0, 1, 3] and len(experts[0]) == 1
     with pytest.raises(TimeoutError, match="only 3 of min_nodes=4"):
         strategy_for(config, setup_timeout=0.2).configure_train(1, strategy.arrays(), ConfigRecord(), grid)
+
+
+# ---------------------------------------------------------------------- who a node is, what a reply may hold
+
+
+def _round(strategy: FedMoEStrategy, grid: LocalGrid, server_round: int, alter=None):
+    """One configure/train/aggregate round on ``grid``; ``alter(messages, replies) -> replies``."""
+    messages = list(strategy.configure_train(server_round, strategy.arrays(), ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(messages))
+    if alter is not None:
+        replies = alter(messages, replies)
+    return messages, strategy.aggregate_train(server_round, replies)
+
+
+def test_a_partition_stays_bound_to_the_node_that_registered_it():
+    """A node that comes later claiming a bound partition-id is refused, also while the bound node is
+    offline; the bound node keeps its client and trains when it is back. A node answers for one client."""
+    config = CONFIG.replace({"federation.clients_per_round": 0})
+    grid = LocalGrid(nodes(), config)
+    strategy = strategy_for(config)
+    _round(strategy, grid, 1)
+    assert strategy.nodes == {100: 0, 107: 1, 114: 2, 121: 3}
+    bound = grid.contexts.pop(100)  # client 0's node goes offline; an impostor claims its partition
+    grid.contexts[999] = Context(run_id=1, node_id=999, node_config={"partition-id": 0}, state=RecordDict(),
+                                 run_config=run_config(config))
+    messages, _ = _round(strategy, grid, 2)
+    assert "partition-id 0 is already bound to node 100" in strategy.rejected[999]
+    assert strategy.nodes == {100: 0, 107: 1, 114: 2, 121: 3}
+    assert 999 not in {m.metadata.dst_node_id for m in grid.sent[-len(messages):]}
+    assert strategy.history[-1]["accepted"] == [1, 2, 3]
+    grid.contexts[100] = bound  # back: the same node id (under SuperNode auth, the same key)
+    _round(strategy, grid, 3)
+    assert strategy.history[-1]["accepted"] == [0, 1, 2, 3] and strategy.nodes[100] == 0
+    assert 999 not in strategy.nodes and strategy.rejected[999]  # asked once, never again
+
+    # one node, two registration answers (a second claiming another partition): only its first counts
+    class TwoFaced(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            for msg, reply in zip(messages, list(replies), strict=True):
+                if msg.metadata.message_type == "query" and msg.metadata.dst_node_id == 107:
+                    content = copy.deepcopy(reply.content)
+                    content.metric_records["profile"]["partition-id"] = 3
+                    replies.append(Message(content, reply_to=msg))
+            return replies
+
+    grid = TwoFaced({100: {"partition-id": 0}, 107: {"partition-id": 1}}, config)
+    strategy = strategy_for(config, min_nodes=2)
+    strategy.configure_train(1, strategy.arrays(), ConfigRecord(), grid)
+    assert strategy.nodes == {100: 0, 107: 1} and strategy.server.profiles.memory[3] == 0
+
+
+def test_pinned_nodes_register_only_as_their_partition():
+    """``nodes`` in the run config (``pinned``): the run's node ids, each with its partition; another node
+    is not even queried, a listed node claiming another partition is refused."""
+    assert pinned_nodes({"nodes": "5:0, 6:1"}) == {5: 0, 6: 1} and pinned_nodes({"nodes": ""}) is None
+    assert pinned_nodes({}) is None and federated_config({"nodes": "5:0", "out": ""}) == FederatedConfig()
+    for bad in ("5:0 5:1", "5:0 6:0", "x:1", "5-0", "5:-1"):
+        with pytest.raises(ValueError, match="nodes"):
+            pinned_nodes({"nodes": bad})
+    with pytest.raises(ValueError, match="pinned"):
+        strategy_for(pinned={1: 4})  # partition out of range
+    with pytest.raises(ValueError, match="pinned"):
+        strategy_for(pinned={1: 0, 2: 0})
+    with pytest.raises(TypeError, match="pinned"):
+        strategy_for(pinned=[(1, 0)])
+    config = CONFIG.replace({"federation.clients_per_round": 0})
+    node_configs = {**nodes(), 999: {"partition-id": 2}}
+    grid = LocalGrid(node_configs, config)
+    strategy = strategy_for(config, min_nodes=2, pinned={100: 0, 107: 1, 114: 3})
+    _round(strategy, grid, 1)
+    assert strategy.nodes == {100: 0, 107: 1}
+    assert "node 114 claims partition-id 2, but the run's nodes give it 3" in strategy.rejected[114]
+    assert strategy.rejected[999] == "node 999 is not one of the run's nodes"
+    assert strategy.rejected[121] == "node 121 is not one of the run's nodes"
+    assert not {999, 121} & {m.metadata.dst_node_id for m in grid.sent}  # never sent anything
+    assert strategy.history[-1]["accepted"] == [0, 1]
+
+
+def _replace_array(reply: Message, name: str, array: Array) -> Message:
+    reply.content.array_records["arrays"][name] = array
+    return reply
+
+
+def _npy(shape, dtype="<f4", payload=b"") -> bytes:
+    """A .npy file whose header claims ``shape`` and ``dtype``, followed by ``payload``."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + payload
+
+
+def test_unpack_checks_declared_shapes_and_dtypes_before_deserialising():
+    run = FederatedRun(CONFIG)
+    model = run.server.model
+    name, p = next(iter(model.named_shared_parameters()))
+    good = p.detach().numpy()
+    np.testing.assert_array_equal(unpack_array(Array(good), name, good.shape, np.float32), good)
+    fortran = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(unpack_array(Array(fortran), "f", (2, 3), np.float32), fortran)
+    huge = (99999, 99999)
+    cases = {  # the Array's declared dtype and shape, its bytes -> what is wrong
+        "declares float32[99999, 99999]": ("float32", huge, _npy(huge)),
+        "holds float32[99999, 99999]": ("float32", good.shape, _npy(huge)),
+        "holds float64": ("float32", good.shape, _npy(good.shape, "<f8", good.astype(np.float64).tobytes())),
+        "declares float64": ("float64", good.shape, Array(good.astype(np.float64)).data),
+        "bytes of values": ("float32", good.shape, _npy(good.shape, "<f4", good.tobytes()[:-4])),
+        "no valid .npy header": ("float32", good.shape, b"\x93NUMPY\x01\x00\xff\xff{'descr'"),
+        "holds object": ("float32", good.shape, _npy(good.shape, "|O")),
+    }
+    for why, (dtype, shape, data) in cases.items():
+        with pytest.raises(ValueError, match=re.escape(why)):
+            unpack_array(Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data), name, good.shape,
+                         np.float32)
+    with pytest.raises(ValueError, match="stype"):
+        unpack_array(Array(dtype="float32", shape=good.shape, stype="torch", data=b""), name, good.shape,
+                     np.float32)
+    # a record: exactly the shared parameters and `rows` expert rows
+    arrays = pack_arrays(model, shared_vector(model), model.expert_bank.detach()[:2])
+    shared, rows = unpack_arrays(model, arrays, 2)
+    torch.testing.assert_close(shared, shared_vector(model))
+    torch.testing.assert_close(rows, model.expert_bank.detach()[:2])
+    with pytest.raises(ValueError, match=r"expert_rows.*declares float32\[2, "):
+        unpack_arrays(model, arrays, 3)  # more rows than the experts assigned
+    with pytest.raises(ValueError, match="unexpected"):
+        unpack_arrays(model, arrays)
+    arrays["extra"] = Array(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
+        unpack_arrays(model, arrays, 2)
+
+
+def test_replies_that_would_exhaust_memory_or_inflate_their_weight_are_left_out(monkeypatch):
+    """A reply whose .npy header claims shape (99999, 99999), one claiming 2**62 examples (with 1e30
+    everywhere), one with an extra expert row: each is left out of its round (the round goes on, nothing
+    is deserialised beyond the expected sizes); the honest replies are aggregated."""
+    config = CONFIG.replace({"federation.clients_per_round": 0})
+    grid = LocalGrid(nodes(), config)
+    strategy = strategy_for(config)
+    messages = list(strategy.configure_train(1, strategy.arrays(), ConfigRecord(), grid))
+    by_client = {strategy.nodes[m.metadata.dst_node_id]: m.metadata.dst_node_id for m in messages}
+    registered = strategy.server.profiles.samples.astype(int)
+
+    def oversized(msg, reply):
+        shape = reply.content.array_records["arrays"][EXPERT_ROWS].shape  # declared right, header not
+        return _replace_array(reply, EXPERT_ROWS, Array(dtype="float32", shape=shape, stype="numpy.ndarray",
+                                                        data=_npy((99999, 99999))))
+
+    def inflated(msg, reply):
+        for name, array in list(reply.content.array_records["arrays"].items()):
+            _replace_array(reply, name, Array(np.full(array.shape, 1e30, np.float32)))
+        reply.content.metric_records["metrics"]["num-examples"] = 2**62
+        return reply
+
+    def extra_row(msg, reply):
+        rows = reply.content.array_records["arrays"][EXPERT_ROWS].numpy()
+        return _replace_array(reply, EXPERT_ROWS, Array(np.concatenate([rows, rows[:1]])))
+
+    grid.tamper = {by_client[0]: oversized, by_client[1]: inflated, by_client[2]: extra_row}
+    replies = grid.send_and_receive(messages)
+    monkeypatch.setattr(Array, "numpy", lambda self: pytest.fail("a reply was deserialised unchecked"))
+    tracemalloc.start()
+    try:
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        monkeypatch.undo()
+    report = strategy.history[-1]
+    assert report["accepted"] == [3] and metrics["invalid"] == 3
+    assert "expert_rows' holds float32[99999, 99999]" in report["invalid"]["0"]
+    assert report["invalid"]["1"] == f"claims {2**62} samples, registered {registered[1]}"
+    assert "expert_rows' declares float32[" in report["invalid"]["2"]
+    assert peak < 50e6  # the model is 0.2 MB; 99999**2 float32 would be 40 GB
+    assert all(np.isfinite(a.numpy()).all() for a in arrays.values())
+
+
+@pytest.mark.parametrize("samples", ["registered", "registered+1", 0, 3.0, -5])
+def test_num_examples_must_not_exceed_what_the_node_registered(samples):
+    config = CONFIG.replace({"federation.clients_per_round": 0})
+    grid = LocalGrid(nodes(), config)
+    strategy = strategy_for(config)
+    messages = list(strategy.configure_train(1, strategy.arrays(), ConfigRecord(), grid))
+    node = messages[0].metadata.dst_node_id
+    client = strategy.nodes[node]
+    registered = int(strategy.server.profiles.samples[client])
+    claim = {"registered": registered, "registered+1": registered + 1}.get(samples, samples)
+
+    def claims(msg, reply):
+        reply.content.metric_records["metrics"]["num-examples"] = claim
+        return reply
+
+    grid.tamper = {node: claims}
+    strategy.aggregate_train(1, grid.send_and_receive(messages))
+    report = strategy.history[-1]
+    if samples == "registered":
+        assert client in report["accepted"]
+    elif samples == "registered+1":
+        assert report["invalid"][str(client)] == f"claims {claim} samples, registered {registered}"
+    else:
+        assert report["invalid"][str(client)].startswith("num_samples must be a positive int")
+
+
+def test_only_the_first_reply_of_a_node_in_a_round_counts():
+    """Flower's SuperLink keeps one reply per message; a grid that passes on more: the first counts, the
+    rest are left out and reported (``duplicate``), whatever they hold."""
+    config = CONFIG.replace({"federation.clients_per_round": 0})
+    grids = {name: LocalGrid(nodes(), config) for name in ("once", "twice")}
+    strategies = {name: strategy_for(config) for name in grids}
+
+    def doubled(messages, replies):  # client 0's node (100) sends a second, different reply
+        asked = next(m for m in messages if m.metadata.dst_node_id == 100)
+        content = copy.deepcopy(next(r for r in replies if r.metadata.src_node_id == 100).content)
+        rows = content.array_records["arrays"][EXPERT_ROWS].numpy()
+        content.array_records["arrays"][EXPERT_ROWS] = Array(rows * 1000)
+        return [*replies, Message(content, reply_to=asked)]
+
+    _, (_, once) = _round(strategies["once"], grids["once"], 1)
+    _, (arrays, twice) = _round(strategies["twice"], grids["twice"], 1, doubled)
+    assert strategies["twice"].history[-1]["duplicate"] == {"0": "1 more reply from node 100 left out"}
+    assert twice["duplicate"] == 1 and once["duplicate"] == 0 and "duplicate" not in strategies[
+        "once"].history[-1]
+    assert strategies["twice"].history[-1]["accepted"] == strategies["once"].history[-1]["accepted"]
+    for name, value in strategies["once"].server.model.state_dict().items():
+        torch.testing.assert_close(arrays[name].numpy(), value.numpy())
 
 
 # ---------------------------------------------------------------------- real Flower processes
@@ -361,9 +589,27 @@ class Processes:
 
     def __init__(self, env: dict, tmp: Path, port: int):
         self.env, self.tmp, self.port, self.logs = env, tmp, port, tmp / "logs"
+        self.ca: Path | None = None  # the CA certificate of a SuperLink with TLS
         self.started: list[subprocess.Popen] = []
         self.family: set[int] = set()
         self.groups: set[int] = set()  # process groups seen among the family
+
+    def connect(self, ca: Path | None = None) -> None:
+        """The ``flwr`` connection ``fedmoe-test`` (the default) to the SuperLink on ``port``: with TLS
+        verified against ``ca``, else without TLS."""
+        self.ca = ca
+        tls = f'root-certificates = "{ca}"' if ca is not None else "insecure = true"
+        (Path(self.env["FLWR_HOME"]) / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedmoe-test"\n\n[superlink.fedmoe-test]\n'
+            f'address = "127.0.0.1:{self.port}"\n{tls}\n')
+
+    def run(self, *args: str, timeout: float = 60) -> str:
+        """Run a short command (``args[0]`` from the venv) to its end; its stdout (AssertionError if it
+        fails)."""
+        done = subprocess.run([str(BIN / args[0]), *args[1:]], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert done.returncode == 0, f"{args} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+        return done.stdout
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         with open(self.logs / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
@@ -417,12 +663,11 @@ def flower(tmp_path):
     home.mkdir()
     (tmp_path / "logs").mkdir()
     port = _free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "fedmoe-test"\n\n[superlink.fedmoe-test]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     # Flower's processes start each other by name (flower-superexec, flwr-clientapp): the venv's bin first
     env = {**os.environ, "FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
     procs = Processes(env, tmp_path, port)
+    procs.connect()
     try:
         yield procs
     finally:
@@ -435,20 +680,24 @@ def _wait_healthy(procs: Processes, superlink: subprocess.Popen, timeout: float 
     while time.monotonic() < end:
         if superlink.poll() is not None:
             raise AssertionError(f"flower-superlink exited: {(procs.logs / 'superlink.log').read_text()}")
+        tls = ssl.create_default_context(cafile=procs.ca) if procs.ca is not None else None
+        url = f"http{'s' if tls else ''}://127.0.0.1:{procs.port}/health"
         with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{procs.port}/health", timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=tls) as r:
                 if r.status == 200:
                     return
         time.sleep(0.3)
     raise AssertionError(f"SuperLink not healthy within {timeout} s")
 
 
-def _flwr_run(procs: Processes, config: FederatedConfig, out: Path, timeout: float, *extra: str) -> dict:
-    """``flwr run`` the example app with ``config`` and return its result.json."""
+def _flwr_run(procs: Processes, config: FederatedConfig, out: Path, timeout: float, *extra: str,
+              nodes: str = "") -> dict:
+    """``flwr run`` the example app with ``config`` (and run config ``nodes``); its result.json."""
     app_config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     declared = flatten_dict(app_config)
     options = {k: v for k, v in run_config(config).items() if k in declared}  # the rest: simulation knobs
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in {**options, "out": str(out)}.items())
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in {**options, "out": str(out),
+                                                                 "nodes": nodes}.items())
     run = procs.start("flwr-run", "flwr", "run", str(APP), "--run-config", overrides, "--stream", *extra)
     end = time.monotonic() + timeout
     while run.poll() is None and time.monotonic() < end:
@@ -490,20 +739,50 @@ def test_simulation_engine_equals_own_loop(flower):
     _assert_equals_own_loop(config, result, out)
 
 
-def test_deployment_superlink_and_two_supernodes(flower):
-    """``flwr run`` against a SuperLink with 2 SuperNodes on loopback, 2 rounds; every process stops."""
-    superlink = flower.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
+def test_deployment_with_tls_and_supernode_auth(flower):
+    """The deployment of docs/flower.md ("Deployment, step by step") on loopback, 2 rounds: credentials
+    from the example's make_credentials.py, a SuperLink with TLS and SuperNode authentication, two
+    SuperNodes whose public keys were registered with ``flwr supernode register``, ``flwr run`` over TLS.
+    Two more SuperNodes are refused at connection, before any message: one with a key nobody registered
+    (claiming partition 0), one with none. The registered ones train, under the node ids their keys were
+    registered as; every process stops."""
+    creds = flower.tmp / "creds"
+    flower.run("python", str(APP / "make_credentials.py"), str(creds), "--host", "127.0.0.1", "--host",
+               "localhost", "--node", "node0", "--node", "node1", "--node", "intruder")
+    flower.connect(ca=creds / "ca.crt")
+    superlink = flower.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(creds / "ca.crt"),
+                             "--ssl-certfile", str(creds / "server.pem"), "--ssl-keyfile",
+                             str(creds / "server.key"), "--enable-supernode-auth", "--host", "127.0.0.1",
                              "--port", str(flower.port))
-    for c in range(2):  # they retry until the SuperLink is up
-        flower.start(f"supernode{c}", "flower-supernode", "--insecure", "--superlink",
-                     f"127.0.0.1:{flower.port}", "--port", str(_free_port()), "--max-wait-time", "60",
-                     "--node-config", f"partition-id={c} num-partitions=2")
     _wait_healthy(flower, superlink)
+    node_ids = {}  # registered node id -> partition
+    for c in range(2):
+        out = flower.run("flwr", "supernode", "register", str(creds / f"node{c}.pub"), "fedmoe-test",
+                         "--format", "json")
+        node_ids[str(json.loads(out[out.index("{"):])["node-id"])] = c
+
+    def supernode(name: str, partition: int, *key: str) -> subprocess.Popen:
+        return flower.start(name, "flower-supernode", "--superlink", f"127.0.0.1:{flower.port}",
+                            "--root-certificates", str(creds / "ca.crt"), *key, "--port", str(_free_port()),
+                            "--max-wait-time", "60", "--node-config",
+                            f"partition-id={partition} num-partitions=2")
+
+    for c in range(2):
+        supernode(f"supernode{c}", c, "--auth-supernode-private-key", str(creds / f"node{c}"))
+    refused = {"intruder": supernode("intruder", 0, "--auth-supernode-private-key", str(creds / "intruder")),
+               "anonymous": supernode("anonymous", 1)}
     config = CONFIG.replace({"federation.num_clients": 2, "federation.clients_per_round": 0})
     out = flower.tmp / "out"
-    result = _flwr_run(flower, config, out, 100)  # 70-90 s on a busy 2-core machine: a process per message
-    assert len(result["rounds"]) == 2 and sorted(result["nodes"].values()) == [0, 1]
-    assert all(r["accepted"] == [0, 1] for r in result["rounds"])
+    pinned = " ".join(f"{node}:{c}" for node, c in node_ids.items())
+    result = _flwr_run(flower, config, out, 100, nodes=pinned)  # 60-90 s on 2 cores: a process per message
+    for name, proc in refused.items():
+        log = (flower.logs / f"{name}.log").read_text()
+        assert proc.poll() not in (None, 0), f"{name} was not refused:\n{log}"
+        assert "Failed to initialize the connection to the SuperLink" in log, log
+    assert "Failed to activate SuperNode" in (flower.logs / "intruder.log").read_text()
+    assert "must be registered via the CLI" in (flower.logs / "anonymous.log").read_text()
+    assert result["nodes"] == node_ids and result["rejected"] == {}  # the refused were never seen
+    assert len(result["rounds"]) == 2 and all(r["accepted"] == [0, 1] for r in result["rounds"])
     assert result["rounds"][-1]["accuracy"] > 0.3  # chance is 0.1
     _assert_equals_own_loop(config, result, out)
 

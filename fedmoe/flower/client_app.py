@@ -123,7 +123,7 @@ def _query(msg: Message, context: Context) -> Message:
                **{key: float(getattr(node.profile, name)) for key, name in PROFILE_KEYS.items()}}
     content = {"profile": MetricRecord(profile)}
     if config["cold-start"]:
-        shared, _ = unpack_arrays(node.model, msg.content.array_records["arrays"], rows=False)
+        shared, _ = unpack_arrays(node.model, msg.content.array_records["arrays"])
         content["affinity"] = ArrayRecord({"affinity": Array(node.affinity(shared))})
     return Message(RecordDict(content), reply_to=msg)
 
@@ -132,9 +132,10 @@ def _train(msg: Message, context: Context) -> Message:
     """One round: train the shared parameters and the assigned experts on the node's data."""
     config = msg.content.config_records["config"]
     node = node_of(context, unpack_spec(config))
-    shared, rows = unpack_arrays(node.model, msg.content.array_records["arrays"])
-    payload = ClientPayload(int(config["round"]), node.client, np.asarray(config["experts"], dtype=np.int64),
-                            shared, rows, int(config["seed"]), affinity=bool(config.get(AFFINITY, False)))
+    experts = np.asarray(config["experts"], dtype=np.int64)
+    shared, rows = unpack_arrays(node.model, msg.content.array_records["arrays"], len(experts))
+    payload = ClientPayload(int(config["round"]), node.client, experts, shared, rows, int(config["seed"]),
+                            affinity=bool(config.get(AFFINITY, False)))
     update = node.train(payload)
     metrics = {"num-examples": update.num_samples, "train-loss": float(update.train_loss),
                **pack_feedback(update.feedback), **pack_feedback(update.feedback_before, BEFORE)}
