@@ -5,6 +5,8 @@ from fedmoe.models.classifier import INPUT_SHAPES, ClassificationTask, MoEClassi
 from fedmoe.models.moe import MoELayer, MoEStats, grouped_mm_available
 from fedmoe.models.protocol import FederatedMoE, Task
 from fedmoe.models.registry import MODEL_KINDS, ModelConfig, build_model, build_task
+from fedmoe.models.transformer import LanguageModelTask, LMOutputs, MoETransformer
 
-__all__ = ["INPUT_SHAPES", "MODEL_KINDS", "ClassificationTask", "FederatedMoE", "MoEClassifier", "MoELayer",
-           "MoEStats", "ModelConfig", "Task", "build_model", "build_task", "grouped_mm_available"]
+__all__ = ["INPUT_SHAPES", "MODEL_KINDS", "ClassificationTask", "FederatedMoE", "LMOutputs",
+           "LanguageModelTask", "MoEClassifier", "MoELayer", "MoEStats", "MoETransformer", "ModelConfig",
+           "Task", "build_model", "build_task", "grouped_mm_available"]

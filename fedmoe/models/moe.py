@@ -2,7 +2,8 @@
 
 All E experts live in one flat parameter ``expert_bank`` [E, P]: expert ``e`` is the row ``expert_bank[e]``
 (its ``w1`` [d_model, d_hidden], ``b1`` [d_hidden], ``w2`` [d_hidden, d_model], ``b2`` [d_model], in that
-order), so aggregation reads and writes experts in place and a client's share is a set of rows.
+order), so aggregation reads and writes experts in place and a client's share is a set of rows. A model with
+MoE layers in several blocks keeps one bank and gives each layer its columns (``bank_offset``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fedmoe_kernels import combine, dispatch, route
 
@@ -87,6 +89,9 @@ class MoELayer(nn.Module):
         backend: of route / dispatch / combine ("auto", "triton", "torch").
         expert_compute: "grouped_mm" (torch's grouped matmul), "loop" (a matmul per non-empty expert) or
             "auto" (grouped_mm where :func:`grouped_mm_available` and the widths suit it, else loop).
+        bank_offset: None: the experts are the layer's own parameter ``expert_bank`` [E, P]; an int: the
+            caller holds them and passes its bank [E, >= bank_offset + P] to every forward, whose columns
+            ``bank_offset:bank_offset + P`` are this layer's experts (``expert_bank`` is then None).
 
     Routing: softmax router probabilities over the allowed experts, top-k, weights renormalised over the
     k choices. Capacity-dropped slots lose their contribution (their weight is not redistributed).
@@ -105,6 +110,7 @@ class MoELayer(nn.Module):
         activation: Callable[[torch.Tensor], torch.Tensor] = F.gelu,
         backend: str = "auto",
         expert_compute: str = "auto",
+        bank_offset: int | None = None,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
@@ -126,36 +132,65 @@ class MoELayer(nn.Module):
         self.router = nn.Linear(d_model, num_experts, bias=False)
         sizes = (d_model * d_hidden, d_hidden, d_hidden * d_model, d_model)
         self._bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(4)]
-        self.expert_bank = nn.Parameter(torch.empty(num_experts, sum(sizes)))
+        self.expert_size = self.expert_size_of(d_model, d_hidden)  # P: one row of the bank
+        if bank_offset is not None and (not isinstance(bank_offset, int) or bank_offset < 0):
+            raise ValueError(f"bank_offset must be None or an int >= 0, got {bank_offset!r}")
+        self.bank_offset = bank_offset
+        own = bank_offset is None
+        self.expert_bank = nn.Parameter(torch.empty(num_experts, self.expert_size)) if own else None
         self.register_buffer("expert_mask", None, persistent=False)
         self.reset_parameters()
 
-    @property
-    def expert_size(self) -> int:
-        """P: parameters per expert (one row of ``expert_bank``)."""
-        return self.expert_bank.shape[1]
+    @staticmethod
+    def expert_size_of(d_model: int, d_hidden: int) -> int:
+        """P of an expert of these widths: ``w1``, ``b1``, ``w2``, ``b2``."""
+        return 2 * d_model * d_hidden + d_hidden + d_model
 
     def reset_parameters(self) -> None:
-        """Router and experts initialised like ``nn.Linear`` (uniform in +-1/sqrt(fan_in))."""
+        """Router and (an own bank's) experts initialised like ``nn.Linear`` (uniform in +-1/sqrt(fan_in))."""
         self.router.reset_parameters()
-        with torch.no_grad():
-            for (lo, hi), fan_in in zip(
-                self._bounds, (self.d_model, self.d_model, self.d_hidden, self.d_hidden), strict=True
-            ):
-                bound = 1 / math.sqrt(fan_in)
-                self.expert_bank[:, lo:hi].uniform_(-bound, bound)
+        if self.expert_bank is not None:
+            self.reset_experts(self.expert_bank)
 
-    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views into the bank (gradients flow through them into ``expert_bank``).
+    @torch.no_grad()
+    def reset_experts(self, bank: torch.Tensor) -> None:
+        """Initialise this layer's experts in ``bank`` (see ``bank_offset``), in place, like ``nn.Linear``."""
+        columns = self._columns(bank)
+        for (lo, hi), fan_in in zip(
+            self._bounds, (self.d_model, self.d_model, self.d_hidden, self.d_hidden), strict=True
+        ):
+            bound = 1 / math.sqrt(fan_in)
+            columns[:, lo:hi].uniform_(-bound, bound)
+
+    def _columns(self, bank: torch.Tensor | None) -> torch.Tensor:
+        """[E, P]: this layer's experts in ``bank`` (default: ``expert_bank``)."""
+        if self.bank_offset is None:
+            bank = self.expert_bank if bank is None else bank
+            lo = 0
+        else:
+            lo = self.bank_offset
+        hi = lo + self.expert_size
+        if bank is None or bank.ndim != 2 or bank.shape[0] != self.num_experts or bank.shape[1] < hi:
+            got = "none" if bank is None else tuple(bank.shape)
+            raise ValueError(f"bank must be [E={self.num_experts}, >= {hi}], got {got}")
+        return bank if bank.shape[1] == self.expert_size else bank[:, lo:hi]
+
+    def _views(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w1, b1, w2, b2 of the experts ``columns`` [E, P] (see :meth:`expert_weights`)."""
+        e, d, h = self.num_experts, self.d_model, self.d_hidden
+        shapes = ((e, d, h), (e, h), (e, h, d), (e, d))
+        bounds = zip(self._bounds, shapes, strict=True)
+        return tuple(columns[:, lo:hi].view(shape) for (lo, hi), shape in bounds)
+
+    def expert_weights(
+        self, bank: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views into this layer's experts in ``bank`` (default: ``expert_bank``); gradients flow through
+        them into it.
 
         w1 [E, d_model, d_hidden], b1 [E, d_hidden], w2 [E, d_hidden, d_model], b2 [E, d_model].
         """
-        e, d, h = self.num_experts, self.d_model, self.d_hidden
-        shapes = ((e, d, h), (e, h), (e, h, d), (e, d))
-        return tuple(
-            self.expert_bank[:, lo:hi].view(shape)
-            for (lo, hi), shape in zip(self._bounds, shapes, strict=True)
-        )
+        return self._views(self._columns(bank))
 
     def set_expert_mask(self, mask: torch.Tensor | None) -> None:
         """Route only to the experts where ``mask`` (bool [E], at least one True) is True; None allows all.
@@ -171,7 +206,7 @@ class MoELayer(nn.Module):
                 raise ValueError(f"mask must be a bool tensor of shape [{self.num_experts}] or None")
             if not bool(mask.any()):
                 raise ValueError("mask must allow at least one expert")
-            mask = mask.to(self.expert_bank.device)
+            mask = mask.to(self.router.weight.device)
         self.expert_mask = mask
 
     def _route(self, x: torch.Tensor):
@@ -202,23 +237,23 @@ class MoELayer(nn.Module):
         overflow = (rank >= capacity) & (top_i >= 0)
         return top_i.masked_fill(overflow, -1), weights, aux_loss, overflow.sum(), gate_mass
 
-    def _experts(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """The FFN of each row's expert: rows [R, d_model] grouped by ``offsets`` [E+1] -> [R, d_model]."""
-        w1, b1, w2, b2 = self.expert_weights()
-        counts = offsets.diff()
+    def _experts(self, rows: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """The FFN of each row's expert: rows [R, d_model] grouped by ``offsets`` [E+1] -> [R, d_model];
+        ``columns`` [E, P]: the experts (default: ``expert_bank``)."""
+        if columns is None:
+            columns = self._columns(None)
         if self._use_grouped_mm(rows):
+            w1, b1, w2, b2 = self._views(columns)
+            counts = offsets.diff()
             ends = offsets[1:].to(torch.int32)
             expert_of_row = torch.repeat_interleave(
                 torch.arange(self.num_experts, device=rows.device), counts, output_size=rows.shape[0]
             )
             hidden = self.activation(F.grouped_mm(rows, w1, offs=ends) + b1[expert_of_row])
             return F.grouped_mm(hidden, w2, offs=ends) + b2[expert_of_row]
-        outs = [
-            torch.addmm(b2[e], self.activation(torch.addmm(b1[e], rows[lo:hi], w1[e])), w2[e])
-            for e, (lo, hi) in enumerate(pairwise(offsets.tolist()))
-            if hi > lo
-        ]
-        return torch.cat(outs) if outs else rows.new_zeros((0, self.d_model))
+        spans = [(e, lo, hi) for e, (lo, hi) in enumerate(pairwise(offsets.tolist())) if hi > lo]
+        return _ExpertLoop.apply(rows, columns, self, spans)
 
     def _use_grouped_mm(self, rows: torch.Tensor) -> bool:
         if self.expert_compute == "loop":
@@ -233,12 +268,62 @@ class MoELayer(nn.Module):
             )
         return ok
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, bank: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """x [..., d_model] -> y [..., d_model]; ``bank``: the experts (see ``bank_offset``)."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        columns = self._columns(bank)
         tokens = x.reshape(-1, self.d_model)
         expert_idx, weights, aux_loss, dropped, gate_mass = self._route(tokens)
         plan = route(expert_idx, self.num_experts, backend=self.backend)
-        rows = self._experts(dispatch(tokens, plan, backend=self.backend), plan.offsets)
+        rows = self._experts(dispatch(tokens, plan, backend=self.backend), plan.offsets, columns)
         out = combine(rows, plan, weights, backend=self.backend)
         return out.view(x.shape), MoEStats(aux_loss, expert_idx, weights, plan.counts, dropped, gate_mass)
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """``expert_compute="loop"`` as one autograd node: two ``addmm`` per non-empty expert (``spans``: (expert,
+    first row, end row)) and the activation once over all rows; the backward writes the experts' gradient
+    straight into one bank-shaped tensor (no autograd node per expert, no zero-filled gradient per weight
+    view). rows [R, d_model], bank [E, P] -> [R, d_model]."""
+
+    @staticmethod
+    def forward(ctx, rows, bank, layer, spans):
+        w1, b1, w2, b2 = layer._views(bank)
+        hidden = rows.new_empty((rows.shape[0], layer.d_hidden))
+        for e, lo, hi in spans:
+            torch.addmm(b1[e], rows[lo:hi], w1[e], out=hidden[lo:hi])
+        with torch.enable_grad():  # the activation's own backward is reused below
+            hidden.requires_grad_()
+            act = layer.activation(hidden)
+        out = rows.new_empty(rows.shape)
+        for e, lo, hi in spans:
+            torch.addmm(b2[e], act[lo:hi], w2[e], out=out[lo:hi])
+        ctx.save_for_backward(rows, bank)
+        ctx.layer, ctx.spans, ctx.hidden, ctx.act = layer, spans, hidden, act
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        rows, bank = ctx.saved_tensors
+        layer, spans, act = ctx.layer, ctx.spans, ctx.act.detach()
+        w1, _, w2, _ = layer._views(bank)
+        grad_bank = torch.zeros_like(bank) if ctx.needs_input_grad[1] else None
+        if grad_bank is not None:
+            g1, gb1, g2, gb2 = layer._views(grad_bank)
+        grad_act = torch.empty_like(act)
+        for e, lo, hi in spans:
+            if grad_bank is not None:
+                torch.mm(act[lo:hi].t(), grad[lo:hi], out=g2[e])
+                torch.sum(grad[lo:hi], 0, out=gb2[e])
+            torch.mm(grad[lo:hi], w2[e].t(), out=grad_act[lo:hi])
+        (grad_hidden,) = torch.autograd.grad(ctx.act, ctx.hidden, grad_act)
+        grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        for e, lo, hi in spans:
+            if grad_bank is not None:
+                torch.mm(rows[lo:hi].t(), grad_hidden[lo:hi], out=g1[e])
+                torch.sum(grad_hidden[lo:hi], 0, out=gb1[e])
+            if grad_rows is not None:
+                torch.mm(grad_hidden[lo:hi], w1[e].t(), out=grad_rows[lo:hi])
+        return grad_rows, grad_bank, None, None

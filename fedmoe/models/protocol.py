@@ -30,7 +30,10 @@ class FederatedMoE(Protocol):
       all.
     - ``model(inputs) -> (outputs, stats)``: ``stats`` is a :class:`~fedmoe.models.MoEStats` whose
       ``expert_idx`` has one row per unit of the task's loss (a sample, or a token) and whose
-      ``gate_mass`` sums the router's probabilities over those units.
+      ``gate_mass`` sums the router's probabilities over those units. ``outputs`` is whatever the task
+      scores (the classifier's logits; the language model's :class:`~fedmoe.models.LMOutputs`).
+    - ``units_per_sample`` (optional, 1 if absent): the most units of the loss one sample holds (the
+      language model: the window length); the server bounds the units a client reports with it.
     """
 
     expert_bank: nn.Parameter
