@@ -833,3 +833,20 @@ def test_a_node_with_its_own_data_file(tmp_path):
     assert np.isfinite(result.arrays.to_torch_state_dict()["moe.expert_bank"].numpy()).all()
     node = node_of(grid.contexts[201], strategy.spec)
     assert node.client == 1 and len(node.data) == 48
+
+
+def test_the_flower_strategy_federates_the_transformer_as_the_own_loop(tmp_path):
+    """The same run through fedmoe's Flower strategy and ClientApp (in-process grid): nodes that each build
+    only their own role's data train the transformer, and the rounds equal fedmoe's own loop."""
+    from test_shakespeare import _lm_config, tiny_dataset
+
+    path, clients = tiny_dataset(tmp_path)
+    config = _lm_config(path, clients).replace({"evaluation.clients": False})
+    run = FederatedRun(config)
+    strategy = FedMoEStrategy(config, copy.deepcopy(run.server.model), run.dataset.spec, cost=run.cost)
+    strategy.start(LocalGrid(nodes(clients), config))
+    reference = own_loop(config)
+    assert [r["assigned"] for r in strategy.history] == [r["assigned"] for r in reference.history]
+    assert [r["accepted"] for r in strategy.history] == [[0, 1, 2, 3]] * 2
+    for name, value in reference.server.model.state_dict().items():
+        torch.testing.assert_close(strategy.server.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)

@@ -109,3 +109,39 @@ def test_a_node_checks_what_it_is_given(digits):
         node.train(payload_for_other)
     with pytest.raises(ValueError, match="same number"):
         Samples(data.inputs, data.targets[:3])
+
+
+def test_max_steps_and_feedback_samples_bound_a_rounds_work(digits):
+    """``train.max_steps`` caps the local mini-batches over all epochs; ``train.feedback_samples`` measures
+    the feedback on a seeded subset (the update still counts every sample)."""
+    from fedmoe.federated import ClientPayload, TrainConfig, train_client
+
+    model = FlatMoE(64, 10)
+    data = Samples.from_numpy(digits.x_train[:100].reshape(100, -1), digits.y_train[:100])
+    payload = ClientPayload(0, 0, np.array([1, 2]), shared_vector(model),
+                            model.expert_bank[torch.tensor([1, 2])].detach().clone(), seed=7)
+
+    class Counting(ClassificationTask):
+        def __init__(self):
+            super().__init__()
+            self.calls = {"mean": 0, "none": 0}
+
+        def loss(self, outputs, targets, reduction="mean"):
+            self.calls[reduction] += outputs.shape[0] if reduction == "none" else 1
+            return super().loss(outputs, targets, reduction)
+
+    def run(**changes):
+        task = Counting()
+        update = train_client(copy.deepcopy(model), task, payload, data,
+                              TrainConfig(batch_size=10, epochs=3, **changes))
+        return task.calls, update
+
+    calls, _ = run()
+    assert calls == {"mean": 30, "none": 200}  # 3 epochs x 10 batches; feedback before and after
+    calls, capped = run(max_steps=4, feedback_samples=25)
+    assert calls == {"mean": 4, "none": 50} and capped.num_samples == 100
+    assert int(capped.feedback.samples.max()) <= 25
+    again = run(max_steps=4, feedback_samples=25)[1]
+    assert torch.equal(again.shared, capped.shared)  # seeded: the same subset and the same steps
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=-1)

@@ -26,6 +26,7 @@ from fedmoe.federated.runner import (
     partition_clients,
     rounds_to_target,
     run_experiment,
+    test_samples,
 )
 from fedmoe.federated.server import Faults, RoundPlan, RoundReport, Server, check_update
 from fedmoe.federated.simulation import ClientReply, Simulation, SimulationConfig, make_profiles, model_cost
@@ -71,5 +72,6 @@ __all__ = [
     "save_checkpoint",
     "shared_vector",
     "summarize",
+    "test_samples",
     "train_client",
 ]

@@ -81,16 +81,23 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """The ``[evaluation]`` section: ``target_accuracy`` (for rounds-to-target) and ``aligned`` (also
+    """The ``[evaluation]`` section: ``target_accuracy`` (for rounds-to-target), ``aligned`` (also
     record each round's ``aligned_accuracy``, see :meth:`fedmoe.federated.FederatedRun.aligned_accuracy`;
-    one test-set pass per distinct assignment)."""
+    one test-set pass per distinct assignment), ``test_samples`` (each round's global evaluation on at most
+    this many test samples, a subset fixed by the seed; 0 = all) and ``clients`` (after the last round,
+    evaluate each client on its own test split, with all experts and with its aligned experts: the
+    results' ``client_evaluation``; for data with natural clients)."""
 
     target_accuracy: float = 0.85
     aligned: bool = False
+    test_samples: int = 0
+    clients: bool = False
 
     def __post_init__(self):
         _checks.real("target_accuracy", self.target_accuracy, 0.0, 1.0)
         _checks.boolean("aligned", self.aligned)
+        _checks.integer("test_samples", self.test_samples, 0)
+        _checks.boolean("clients", self.clients)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ masked, so their stale rows in the workspace never matter).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,14 +35,18 @@ _REPORTED = ("compute", "memory", "bandwidth", "latency", "reliability", "sample
 @dataclass(frozen=True)
 class TrainConfig:
     """The ``[train]`` section, local training: ``epochs`` over the client's data in shuffled mini-batches
-    of ``batch_size``, SGD with ``lr`` and ``momentum`` (fresh each round), loss = the task's loss +
-    ``aux_loss`` · load-balancing loss of the MoE layers."""
+    of ``batch_size``, at most ``max_steps`` mini-batches a round (0 = no cap), SGD with ``lr`` and
+    ``momentum`` (fresh each round), loss = the task's loss + ``aux_loss`` · load-balancing loss of the MoE
+    layers; the per-expert feedback (and gate affinity) is measured on at most ``feedback_samples`` of the
+    client's samples, a seeded random subset (0 = all)."""
 
     epochs: int = 1
     batch_size: int = 32
     lr: float = 0.1
     momentum: float = 0.9
     aux_loss: float = 0.01
+    max_steps: int = 0
+    feedback_samples: int = 0
 
     def __post_init__(self):
         _checks.integer("epochs", self.epochs, 1)
@@ -49,6 +54,8 @@ class TrainConfig:
         _checks.real("lr", self.lr, 0.0, lo_open=True)
         _checks.real("momentum", self.momentum, 0.0, 1.0, hi_open=True)
         _checks.real("aux_loss", self.aux_loss, 0.0)
+        _checks.integer("max_steps", self.max_steps, 0)
+        _checks.integer("feedback_samples", self.feedback_samples, 0)
 
 
 @dataclass(frozen=True)
@@ -203,15 +210,19 @@ def train_client(model: FederatedMoE, task: Task, payload: ClientPayload, data: 
     experts = payload.experts
     if experts.size == 0:
         raise ValueError("payload.experts must name at least one expert")
-    affinity = gate_affinity(model, payload.shared, data) if payload.affinity else None
+    gen = torch.Generator().manual_seed(payload.seed)
+    probe = data
+    if 0 < config.feedback_samples < n:
+        probe = Samples(*data[torch.randperm(n, generator=gen)[:config.feedback_samples].sort().values])
+    affinity = gate_affinity(model, payload.shared, probe) if payload.affinity else None
     _load(model, payload.shared, experts, payload.expert_rows)
     mask = torch.zeros(model.num_experts, dtype=torch.bool)
     mask[torch.from_numpy(experts)] = True
     model.set_expert_mask(mask)
     try:
-        before = _feedback(model, task, data, experts)
-        train_loss = _sgd(model, task, data, config, torch.Generator().manual_seed(payload.seed))
-        feedback = _feedback(model, task, data, experts)
+        before = _feedback(model, task, probe, experts)
+        train_loss = _sgd(model, task, data, config, gen)
+        feedback = _feedback(model, task, probe, experts)
     finally:
         model.set_expert_mask(None)
     rows = model.expert_bank[torch.from_numpy(experts)].detach().clone()
@@ -220,14 +231,17 @@ def train_client(model: FederatedMoE, task: Task, payload: ClientPayload, data: 
 
 
 def _sgd(model: FederatedMoE, task: Task, data: Samples, config: TrainConfig, gen: torch.Generator) -> float:
-    """Local epochs; returns the mean loss of the last one."""
+    """Local epochs (at most ``max_steps`` mini-batches in all); returns the mean loss of the last epoch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     model.train()
-    n = len(data)
+    n, steps = len(data), config.max_steps or math.inf
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=gen)
-        total = 0.0
+        total, seen = 0.0, 0
         for lo in range(0, n, config.batch_size):
+            if steps <= 0:
+                break
+            steps -= 1
             batch = order[lo:lo + config.batch_size]
             inputs, targets = data[batch]
             outputs, stats = model(inputs)
@@ -236,7 +250,10 @@ def _sgd(model: FederatedMoE, task: Task, data: Samples, config: TrainConfig, ge
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * batch.numel()
-    return total / n
+            seen += batch.numel()
+        if steps <= 0:
+            break
+    return total / max(seen, 1)
 
 
 @torch.no_grad()

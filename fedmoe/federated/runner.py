@@ -31,8 +31,9 @@ from fedmoe.federated.simulation import Simulation, make_profiles, model_cost
 from fedmoe.models import build_model, build_task
 
 __all__ = ["CHECKPOINT_VERSION", "FederatedRun", "build_nodes", "initial_model", "load_data",
-           "partition_clients", "rounds_to_target", "run_experiment"]
+           "partition_clients", "rounds_to_target", "run_experiment", "test_samples"]
 
+_TEST_SUBSET = 12  # random stream of the evaluation's test subset
 CHECKPOINT_VERSION = 4  # 4: checksummed files, the [aggregation] section
 
 
@@ -44,17 +45,45 @@ def rounds_to_target(accuracies, target: float) -> int | None:
 
 def load_data(config: FederatedConfig) -> Dataset:
     """The dataset ``[data] source`` names, split at random by ``federation.seed`` where it has no test
-    set of its own."""
+    set of its own; with ``partition = "natural"`` checked to hold ``federation.num_clients`` clients."""
     data = config.data
-    return load_dataset(data.source, test_fraction=data.test_fraction, seed=config.federation.seed)
+    dataset = load_dataset(data.source, test_fraction=data.test_fraction, seed=config.federation.seed)
+    if data.partition == "natural":
+        _natural_parts(config, dataset)
+    return dataset
+
+
+def test_samples(config: FederatedConfig, dataset: Dataset) -> Samples:
+    """The samples each round's global evaluation uses: the test set, or ``evaluation.test_samples`` of it
+    (a subset fixed by ``federation.seed``)."""
+    test, cap = dataset.test_samples(), config.evaluation.test_samples
+    if 0 < cap < len(test):
+        rng = np.random.default_rng([config.federation.seed, _TEST_SUBSET])
+        test = Samples(*test[np.sort(rng.choice(len(test), cap, replace=False))])
+    return test
 
 
 def partition_clients(config: FederatedConfig, dataset: Dataset) -> list[np.ndarray]:
-    """The training indices of each of ``federation.num_clients`` clients, as ``[data]`` splits them."""
+    """The training indices of each of ``federation.num_clients`` clients, as ``[data]`` splits them
+    (``natural``: the dataset's own clients, as many as ``federation.num_clients``)."""
     data, federation = config.data, config.federation
+    if data.partition == "natural":
+        return _natural_parts(config, dataset)
     return partition(dataset.y_train, federation.num_clients, data.partition, alpha=data.dirichlet_alpha,
                      shards_per_client=data.shards_per_client, min_samples=data.min_samples,
                      seed=federation.seed)
+
+
+def _natural_parts(config: FederatedConfig, dataset: Dataset) -> list[np.ndarray]:
+    """The natural clients' training indices; ValueError unless they are ``federation.num_clients``."""
+    if dataset.client_train is None:
+        raise ValueError(f"partition 'natural' needs a dataset with its own clients (an .npz in the natural "
+                         f"format), and {config.data.source!r} has none")
+    parts = dataset.client_indices()
+    if len(parts) != config.federation.num_clients:
+        raise ValueError(f"partition 'natural': {config.data.source} holds {len(parts)} clients; set "
+                         f"federation.num_clients = {len(parts)} (got {config.federation.num_clients})")
+    return parts
 
 
 def initial_model(config: FederatedConfig, dataset: Dataset, cost: ModelCost | None = None):
@@ -101,7 +130,7 @@ class FederatedRun:
         reported = profiles_of([node.profile for node in nodes], self.cost, config.profiles)
         self.server = Server(model, self.task, reported, config)
         self.simulation = Simulation(self.dataset, self.parts, nodes, truth, config.simulation, seed)
-        self.test = self.dataset.test_samples()
+        self.test = test_samples(config, self.dataset)
         self.history: list[dict] = []
 
     @property
@@ -166,6 +195,36 @@ class FederatedRun:
             model.set_expert_mask(None)
         return float(np.mean(scores)) if scores else None
 
+    @torch.no_grad()
+    def client_evaluation(self) -> dict:
+        """Each client on its own test split (LEAF's protocol), with all experts (``all``) and with the
+        experts of its last assignment (``aligned``; clients never assigned are left out): the headline
+        metric (``last_accuracy`` where the task has it, else ``accuracy``) as ``mean``, ``p10``, ``p50``,
+        ``p90`` over the clients, and their number. For data with natural clients."""
+        if self.config.data.partition != "natural":
+            raise ValueError("evaluation.clients needs the data's own clients: [data] partition = natural")
+        last = {}
+        for record in self.history:
+            last.update({int(c): e for c, e in record["assigned"].items()})
+        scores = {"all": [], "aligned": []}
+        for client in range(self.dataset.num_clients):
+            test = self.dataset.client_test_samples(client)
+            if len(test) == 0:
+                continue
+            for name, mask in (("all", None), ("aligned", self._mask(last.get(client)))):
+                if name == "aligned" and mask is None:
+                    continue
+                result = self.server.evaluate(test, mask=mask)
+                scores[name].append(result.get("last_accuracy", result["accuracy"]))
+        return {name: _percentiles(values) for name, values in scores.items()}
+
+    def _mask(self, experts) -> torch.Tensor | None:
+        if not experts:
+            return None
+        mask = torch.zeros(self.server.num_experts, dtype=torch.bool)
+        mask[list(experts)] = True
+        return mask
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
@@ -213,6 +272,15 @@ class FederatedRun:
         }
 
 
+def _percentiles(values: list[float]) -> dict:
+    """``{"clients", "mean", "p10", "p50", "p90"}`` of per-client scores (None where there are none)."""
+    if not values:
+        return {"clients": 0, "mean": None, "p10": None, "p50": None, "p90": None}
+    p10, p50, p90 = np.percentile(values, [10, 50, 90])
+    return {"clients": len(values), "mean": float(np.mean(values)), "p10": float(p10), "p50": float(p50),
+            "p90": float(p90)}
+
+
 def run_experiment(config: FederatedConfig, *, checkpoint=None, resume: bool = False,
                    progress: bool = False, desc: str | None = None, dataset: Dataset | None = None) -> dict:
     """Run ``federation.rounds`` rounds and return :meth:`FederatedRun.result` plus ``wall_seconds``.
@@ -240,4 +308,7 @@ def run_experiment(config: FederatedConfig, *, checkpoint=None, resume: bool = F
                 save_checkpoint(checkpoint, run.state_dict())
             bar.set_postfix(acc=f"{record['accuracy']:.3f}", cv=f"{record['load_cv']:.2f}")
             bar.update()
-    return {**run.result(), "wall_seconds": time.perf_counter() - start}
+    result = run.result()
+    if config.evaluation.clients:
+        result["client_evaluation"] = run.client_evaluation()
+    return {**result, "wall_seconds": time.perf_counter() - start}

@@ -110,9 +110,11 @@ class Faults:
     seconds: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
 
-def check_update(update: ClientUpdate, payload: ClientPayload, num_experts: int | None = None) -> str | None:
+def check_update(update: ClientUpdate, payload: ClientPayload, num_experts: int | None = None,
+                 units_per_sample: int = 1) -> str | None:
     """Why ``update`` cannot be aggregated for ``payload`` (None if it can). An ``affinity`` it carries
-    must be finite, >= 0 and of shape (``num_experts``,) (any length if None)."""
+    must be finite, >= 0 and of shape (``num_experts``,) (any length if None); the units routed to an
+    expert can be at most ``num_samples * units_per_sample`` (the model's, e.g. tokens per window)."""
     k, p = payload.expert_rows.shape
     if not isinstance(update, ClientUpdate):
         return f"not a ClientUpdate: {type(update).__name__}"
@@ -141,8 +143,8 @@ def check_update(update: ClientUpdate, payload: ClientPayload, num_experts: int 
         if any(a.shape != (k,) or not np.all(np.isfinite(a)) or np.any(a < 0) for a in arrays.values()):
             return f"{field} arrays must be finite, >= 0 and of shape ({k},)"
         if np.any(arrays["share"] > 1) or np.any(arrays["accuracy"] > 1) or np.any(
-                arrays["samples"] > update.num_samples):
-            return f"{field} share/accuracy must be <= 1 and samples <= num_samples"
+                arrays["samples"] > update.num_samples * units_per_sample):
+            return f"{field} share/accuracy must be <= 1 and samples <= num_samples * units_per_sample"
     if update.affinity is not None:
         affinity = np.asarray(update.affinity)
         if (affinity.ndim != 1 or (num_experts is not None and affinity.shape != (num_experts,))
@@ -258,7 +260,8 @@ class Server:
             faults.bytes_received += reply.update.nbytes if isinstance(reply.update, ClientUpdate) else 0
             if deadline is not None and not reply.seconds <= deadline:
                 faults.late[str(client)] = f"replied after {reply.seconds:.3g} s > deadline {deadline:.3g} s"
-            elif (reason := check_update(reply.update, payload, self.num_experts)) is not None:
+            elif (reason := check_update(reply.update, payload, self.num_experts,
+                                         getattr(self.model, "units_per_sample", 1))) is not None:
                 faults.invalid[str(client)] = reason
             elif reply.update.num_samples > (registered := int(self.profiles.samples[client])):
                 faults.invalid[str(client)] = (f"claims {reply.update.num_samples} samples, registered "
@@ -366,20 +369,30 @@ class Server:
     # ------------------------------------------------------------------ evaluate
 
     @torch.no_grad()
-    def evaluate(self, data: Samples, batch_size: int = 1024) -> dict[str, float]:
-        """``{"loss", "accuracy"}`` of the global model (all experts allowed) on ``data``, per unit of the
-        task's loss."""
-        self.model.set_expert_mask(None)
+    def evaluate(self, data: Samples, batch_size: int = 1024,
+                 mask: torch.Tensor | None = None) -> dict[str, float]:
+        """``{"loss", "accuracy"}`` of the global model on ``data``, per unit of the task's loss, with the
+        experts where ``mask`` (bool [E]) is True (all if None). A task with ``metrics`` (sums of
+        ``<name>_correct`` and ``<name>_units`` over the batch) adds ``<name>_accuracy``: the language model's
+        ``last_accuracy``, LEAF's accuracy of the next character after each window."""
+        self.model.set_expert_mask(mask)
         self.model.eval()
-        loss, correct, units = 0.0, 0, 0
-        for lo in range(0, len(data), batch_size):
-            inputs, targets = data[lo:lo + batch_size]
-            outputs, _ = self.model(inputs)
-            loss += float(self.task.loss(outputs, targets, reduction="sum"))
-            hits = self.task.correct(outputs, targets)
-            correct += int(hits.sum())
-            units += hits.numel()
-        return {"loss": loss / units, "accuracy": correct / units}
+        loss, correct, units, sums = 0.0, 0, 0, {}
+        try:
+            for lo in range(0, len(data), batch_size):
+                inputs, targets = data[lo:lo + batch_size]
+                outputs, _ = self.model(inputs)
+                loss += float(self.task.loss(outputs, targets, reduction="sum"))
+                hits = self.task.correct(outputs, targets)
+                correct += int(hits.sum())
+                units += hits.numel()
+                for name, value in getattr(self.task, "metrics", lambda o, t: {})(outputs, targets).items():
+                    sums[name] = sums.get(name, 0.0) + value
+        finally:
+            self.model.set_expert_mask(None)
+        extra = {f"{name.removesuffix('_correct')}_accuracy": value / max(sums[f"{name[:-8]}_units"], 1)
+                 for name, value in sums.items() if name.endswith("_correct")}
+        return {"loss": loss / max(units, 1), "accuracy": correct / max(units, 1), **extra}
 
     # ------------------------------------------------------------------ state
 

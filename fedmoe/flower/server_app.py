@@ -9,7 +9,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedmoe.federated import initial_model, load_data, save_checkpoint
+from fedmoe.federated import initial_model, load_data, save_checkpoint, test_samples
 from fedmoe.flower.records import OUT, federated_config, pinned_nodes
 from fedmoe.flower.strategy import FedMoEStrategy
 
@@ -34,7 +34,7 @@ def server_app() -> ServerApp:
         model, task, cost = initial_model(config, dataset)
         strategy = FedMoEStrategy(config, model, dataset.spec, task=task, cost=cost,
                                   pinned=pinned_nodes(context.run_config))
-        test = dataset.test_samples()
+        test = test_samples(config, dataset)
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             return MetricRecord(strategy.server.evaluate(test))
