@@ -309,7 +309,7 @@ def _lm_config(path: Path, clients: int):
         "federation": {"num_clients": clients, "clients_per_round": 0, "rounds": 2, "deadline": "none"},
         "model": SMALL_LM, "alignment": {"max_experts": 2}, "simulation": {"dropout": False},
         "train": {"max_steps": 3, "feedback_samples": 40},
-        "evaluation": {"test_samples": 60, "clients": True}})
+        "evaluation": {"test_samples": 60, "clients": True, "client_samples": 5}})
 
 
 def test_two_federated_rounds_of_the_transformer_on_natural_shakespeare(tiny_shakespeare, one_thread):
@@ -325,3 +325,15 @@ def test_two_federated_rounds_of_the_transformer_on_natural_shakespeare(tiny_sha
     assert per_client["all"]["clients"] == per_client["aligned"]["clients"] == 4
     for view in per_client.values():
         assert view["p10"] <= view["p50"] <= view["p90"] and 0 <= view["mean"] <= 1
+
+
+def test_evaluation_options_that_do_not_fit_the_run_are_named(tiny_shakespeare, digits):
+    from fedmoe.federated import FederatedConfig, FederatedRun, run_experiment
+
+    path, clients = tiny_shakespeare
+    with pytest.raises(ValueError, match=r"evaluation\.aligned"):
+        FederatedRun(_lm_config(path, clients).replace({"evaluation.aligned": True}))
+    iid = FederatedConfig().replace({"federation.rounds": 1, "federation.num_clients": 4,
+                                     "federation.clients_per_round": 0, "evaluation.clients": True})
+    with pytest.raises(ValueError, match="partition = natural"):
+        run_experiment(iid, dataset=digits)

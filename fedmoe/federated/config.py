@@ -84,20 +84,23 @@ class EvaluationConfig:
     """The ``[evaluation]`` section: ``target_accuracy`` (for rounds-to-target), ``aligned`` (also
     record each round's ``aligned_accuracy``, see :meth:`fedmoe.federated.FederatedRun.aligned_accuracy`;
     one test-set pass per distinct assignment), ``test_samples`` (each round's global evaluation on at most
-    this many test samples, a subset fixed by the seed; 0 = all) and ``clients`` (after the last round,
+    this many test samples, a subset fixed by the seed; 0 = all), ``clients`` (after the last round,
     evaluate each client on its own test split, with all experts and with its aligned experts: the
-    results' ``client_evaluation``; for data with natural clients)."""
+    results' ``client_evaluation``; for data with natural clients) and ``client_samples`` (that evaluation
+    on at most this many of each client's test samples, a subset fixed by the client id; 0 = all)."""
 
     target_accuracy: float = 0.85
     aligned: bool = False
     test_samples: int = 0
     clients: bool = False
+    client_samples: int = 0
 
     def __post_init__(self):
         _checks.real("target_accuracy", self.target_accuracy, 0.0, 1.0)
         _checks.boolean("aligned", self.aligned)
         _checks.integer("test_samples", self.test_samples, 0)
         _checks.boolean("clients", self.clients)
+        _checks.integer("client_samples", self.client_samples, 0)
 
 
 @dataclass(frozen=True)

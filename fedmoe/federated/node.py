@@ -196,6 +196,14 @@ def gate_affinity(model: FederatedMoE, shared: torch.Tensor, data: Samples) -> n
     return (total / max(units, 1)).numpy().astype(np.float32)
 
 
+def probe_samples(data: Samples, limit: int, gen: torch.Generator) -> Samples:
+    """At most ``limit`` of ``data`` (0 = all), a random subset drawn with ``gen``, in their order: what
+    feedback and gate affinity are measured on (``train.feedback_samples``)."""
+    if not 0 < limit < len(data):
+        return data
+    return Samples(*data[torch.randperm(len(data), generator=gen)[:limit].sort().values])
+
+
 def train_client(model: FederatedMoE, task: Task, payload: ClientPayload, data: Samples,
                  config: TrainConfig) -> ClientUpdate:
     """Train the shared parameters and the assigned experts on ``data`` with the gate masked to the
@@ -211,9 +219,7 @@ def train_client(model: FederatedMoE, task: Task, payload: ClientPayload, data: 
     if experts.size == 0:
         raise ValueError("payload.experts must name at least one expert")
     gen = torch.Generator().manual_seed(payload.seed)
-    probe = data
-    if 0 < config.feedback_samples < n:
-        probe = Samples(*data[torch.randperm(n, generator=gen)[:config.feedback_samples].sort().values])
+    probe = probe_samples(data, config.feedback_samples, gen)
     affinity = gate_affinity(model, payload.shared, probe) if payload.affinity else None
     _load(model, payload.shared, experts, payload.expert_rows)
     mask = torch.zeros(model.num_experts, dtype=torch.bool)
@@ -302,5 +308,7 @@ class Node:
         return train_client(self.model, self.task, payload, self.data if data is None else data, self.config)
 
     def affinity(self, shared: torch.Tensor) -> np.ndarray:
-        """:func:`gate_affinity` on the node's data."""
-        return gate_affinity(self.model, shared, self.data)
+        """:func:`gate_affinity` on the node's data (at most ``train.feedback_samples`` of it, a subset
+        fixed by the client id)."""
+        gen = torch.Generator().manual_seed(self.client)
+        return gate_affinity(self.model, shared, probe_samples(self.data, self.config.feedback_samples, gen))

@@ -25,7 +25,15 @@ from fedmoe.alignment import ModelCost
 from fedmoe.data import Dataset, Samples, load_dataset, partition
 from fedmoe.federated.checkpoint import load_checkpoint, save_checkpoint
 from fedmoe.federated.config import FederatedConfig
-from fedmoe.federated.node import ClientPayload, ClientUpdate, Node, NodeProfile, profiles_of, shared_vector
+from fedmoe.federated.node import (
+    ClientPayload,
+    ClientUpdate,
+    Node,
+    NodeProfile,
+    probe_samples,
+    profiles_of,
+    shared_vector,
+)
 from fedmoe.federated.server import Server
 from fedmoe.federated.simulation import Simulation, make_profiles, model_cost
 from fedmoe.models import build_model, build_task
@@ -126,6 +134,9 @@ class FederatedRun:
         seed = config.federation.seed
         self.dataset = load_data(config) if dataset is None else dataset
         self.parts, model, self.task, self.cost, truth, nodes = build_nodes(config, self.dataset, cost)
+        if config.evaluation.aligned and getattr(model, "units_per_sample", 1) != 1:
+            raise ValueError("evaluation.aligned scores one unit per sample (classifiers); use "
+                             "evaluation.clients for a model with several units per sample")
         # the server plans with the reported profiles, refined by observation; the simulation keeps the truth
         reported = profiles_of([node.profile for node in nodes], self.cost, config.profiles)
         self.server = Server(model, self.task, reported, config)
@@ -206,9 +217,10 @@ class FederatedRun:
         last = {}
         for record in self.history:
             last.update({int(c): e for c, e in record["assigned"].items()})
-        scores = {"all": [], "aligned": []}
+        scores, cap = {"all": [], "aligned": []}, self.config.evaluation.client_samples
         for client in range(self.dataset.num_clients):
-            test = self.dataset.client_test_samples(client)
+            test = probe_samples(self.dataset.client_test_samples(client), cap,
+                                 torch.Generator().manual_seed(client))
             if len(test) == 0:
                 continue
             for name, mask in (("all", None), ("aligned", self._mask(last.get(client)))):

@@ -2,10 +2,11 @@
 top of one :class:`~fedmoe.federated.Node` per client.
 
 Each client belongs to a tier (``tiers`` "heterogeneous": 20% high, 50% mid, 30% low; "uniform": one mid
-tier) that sets the median of how many experts fit in its memory next to the shared model, its compute
-(FLOP/s), bandwidth (bytes/s), latency and reliability; values are drawn log-normally around the medians
-(:func:`fedmoe.alignment.generate_profiles`), with at least one expert's memory for every client. Sizes
-and FLOPs are the real ones of the model (:func:`model_cost`), so simulated times follow the bytes sent.
+tier; "unlimited": one tier in which every expert fits and every client replies) that sets the median of how
+many experts fit in its memory next to the shared model, its compute (FLOP/s), bandwidth (bytes/s), latency
+and reliability; values are drawn log-normally around the medians
+(:func:`fedmoe.alignment.generate_profiles`), with at least one expert's memory for every client. Sizes and
+FLOPs are the real ones of the model (:func:`model_cost`), so simulated times follow the bytes sent.
 
 The server sees the self-reported profile. The true round time of a client training ``k`` experts is
 that profile's prediction times a hidden per-client factor (log-normal, sigma 0.25: the self-report is
@@ -51,8 +52,9 @@ TIERS = {
                       ("mid", 0.5, 4, 5e8, 5e5, 0.05, 0.95),
                       ("low", 0.3, 2, 1e8, 1e5, 0.2, 0.90)),
     "uniform": (("uniform", 1.0, 4, 5e8, 5e5, 0.05, 0.95),),
+    "unlimited": (("unlimited", 1.0, 4096, 5e8, 5e5, 0.05, 1.0),),  # every expert fits, no client fails
 }
-_SPREAD = {"heterogeneous": 0.3, "uniform": 0.0}
+_SPREAD = {"heterogeneous": 0.3, "uniform": 0.0, "unlimited": 0.0}
 _HIDDEN_SIGMA, _JITTER_SIGMA = 0.25, 0.1
 _ONLINE, _CLIENT, _HIDDEN, _ERROR, _DRIFT = 1, 2, 3, 4, 5  # random streams
 
@@ -65,7 +67,7 @@ POISON_MODES = {
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """The ``[simulation]`` section (see the module docstring): ``tiers`` (heterogeneous | uniform),
+    """The ``[simulation]`` section (module docstring): ``tiers`` (heterogeneous | uniform | unlimited),
     ``availability`` (probability a client is online at a round), ``dropout`` (clients drop out mid-round
     with their tier's unreliability), ``dropout_rate`` (a further, independent probability of dropping
     out mid-round, for every client), ``corrupt`` (probability that a reply comes back with non-finite
