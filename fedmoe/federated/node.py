@@ -23,7 +23,7 @@ from torch.nn.utils import parameters_to_vector
 
 from fedmoe.alignment import ClientProfile, ModelCost, ProfileConfig, _checks
 from fedmoe.data import Samples
-from fedmoe.models import FederatedMoE, Task
+from fedmoe.models import FederatedMoE, Task, expert_mask
 
 __all__ = ["ClientPayload", "ClientUpdate", "ExpertFeedback", "Node", "NodeProfile", "TrainConfig",
            "gate_affinity", "load_shared", "profiles_of", "shared_vector", "train_client"]
@@ -222,9 +222,7 @@ def train_client(model: FederatedMoE, task: Task, payload: ClientPayload, data: 
     probe = probe_samples(data, config.feedback_samples, gen)
     affinity = gate_affinity(model, payload.shared, probe) if payload.affinity else None
     _load(model, payload.shared, experts, payload.expert_rows)
-    mask = torch.zeros(model.num_experts, dtype=torch.bool)
-    mask[torch.from_numpy(experts)] = True
-    model.set_expert_mask(mask)
+    model.set_expert_mask(expert_mask(model.num_experts, experts))
     try:
         before = _feedback(model, task, probe, experts)
         train_loss = _sgd(model, task, data, config, gen)

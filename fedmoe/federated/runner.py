@@ -36,7 +36,7 @@ from fedmoe.federated.node import (
 )
 from fedmoe.federated.server import Server
 from fedmoe.federated.simulation import Simulation, make_profiles, model_cost
-from fedmoe.models import build_model, build_task
+from fedmoe.models import build_model, build_task, expert_mask, units_per_sample
 
 __all__ = ["CHECKPOINT_VERSION", "FederatedRun", "build_nodes", "initial_model", "load_data",
            "partition_clients", "rounds_to_target", "run_experiment", "test_samples"]
@@ -134,7 +134,7 @@ class FederatedRun:
         seed = config.federation.seed
         self.dataset = load_data(config) if dataset is None else dataset
         self.parts, model, self.task, self.cost, truth, nodes = build_nodes(config, self.dataset, cost)
-        if config.evaluation.aligned and getattr(model, "units_per_sample", 1) != 1:
+        if config.evaluation.aligned and units_per_sample(model) != 1:
             raise ValueError("evaluation.aligned scores one unit per sample (classifiers); use "
                              "evaluation.clients for a model with several units per sample")
         # the server plans with the reported profiles, refined by observation; the simulation keeps the truth
@@ -191,9 +191,7 @@ class FederatedRun:
             for client, experts in assigned.items():
                 key = tuple(int(e) for e in experts)
                 if key not in per_class:
-                    mask = torch.zeros(model.num_experts, dtype=torch.bool)
-                    mask[list(key)] = True
-                    model.set_expert_mask(mask)
+                    model.set_expert_mask(expert_mask(model.num_experts, key))
                     batches = (test[lo:lo + 1024] for lo in range(0, len(test), 1024))
                     correct = torch.cat([self.task.correct(model(inputs)[0], targets)
                                          for inputs, targets in batches])
@@ -223,19 +221,14 @@ class FederatedRun:
                                  torch.Generator().manual_seed(client))
             if len(test) == 0:
                 continue
-            for name, mask in (("all", None), ("aligned", self._mask(last.get(client)))):
-                if name == "aligned" and mask is None:
-                    continue
+            aligned = last.get(client)
+            views = [("all", None)]
+            if aligned:
+                views.append(("aligned", expert_mask(self.server.num_experts, aligned)))
+            for name, mask in views:
                 result = self.server.evaluate(test, mask=mask)
                 scores[name].append(result.get("last_accuracy", result["accuracy"]))
         return {name: _percentiles(values) for name, values in scores.items()}
-
-    def _mask(self, experts) -> torch.Tensor | None:
-        if not experts:
-            return None
-        mask = torch.zeros(self.server.num_experts, dtype=torch.bool)
-        mask[list(experts)] = True
-        return mask
 
     # ------------------------------------------------------------------ checkpoints
 

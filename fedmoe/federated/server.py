@@ -41,7 +41,7 @@ from fedmoe.federated.checkpoint import check_finite, to_numpy
 from fedmoe.federated.config import FederatedConfig
 from fedmoe.federated.node import ClientPayload, ClientUpdate, ExpertFeedback, load_shared, shared_vector
 from fedmoe.federated.simulation import ClientReply
-from fedmoe.models import FederatedMoE, Task
+from fedmoe.models import FederatedMoE, Task, units_per_sample
 from fedmoe_kernels import aggregate
 
 __all__ = ["Faults", "RoundPlan", "RoundReport", "Server", "check_update"]
@@ -261,7 +261,7 @@ class Server:
             if deadline is not None and not reply.seconds <= deadline:
                 faults.late[str(client)] = f"replied after {reply.seconds:.3g} s > deadline {deadline:.3g} s"
             elif (reason := check_update(reply.update, payload, self.num_experts,
-                                         getattr(self.model, "units_per_sample", 1))) is not None:
+                                         units_per_sample(self.model))) is not None:
                 faults.invalid[str(client)] = reason
             elif reply.update.num_samples > (registered := int(self.profiles.samples[client])):
                 faults.invalid[str(client)] = (f"claims {reply.update.num_samples} samples, registered "
@@ -390,8 +390,9 @@ class Server:
                     sums[name] = sums.get(name, 0.0) + value
         finally:
             self.model.set_expert_mask(None)
-        extra = {f"{name.removesuffix('_correct')}_accuracy": value / max(sums[f"{name[:-8]}_units"], 1)
-                 for name, value in sums.items() if name.endswith("_correct")}
+        stems = [name.removesuffix("_correct") for name in sums if name.endswith("_correct")]
+        extra = {f"{stem}_accuracy": sums[f"{stem}_correct"] / max(sums[f"{stem}_units"], 1)
+                 for stem in stems}
         return {"loss": loss / max(units, 1), "accuracy": correct / max(units, 1), **extra}
 
     # ------------------------------------------------------------------ state

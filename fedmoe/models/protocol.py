@@ -14,7 +14,7 @@ from torch import nn
 
 from fedmoe.models.moe import MoEStats
 
-__all__ = ["FederatedMoE", "Task"]
+__all__ = ["FederatedMoE", "Task", "expert_mask", "units_per_sample"]
 
 
 @runtime_checkable
@@ -60,3 +60,15 @@ class Task(Protocol):
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor: ...
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+
+def expert_mask(num_experts: int, experts) -> torch.Tensor:
+    """bool [num_experts]: True at ``experts`` (ints), for :meth:`FederatedMoE.set_expert_mask`."""
+    mask = torch.zeros(num_experts, dtype=torch.bool)
+    mask[torch.as_tensor(experts, dtype=torch.int64)] = True
+    return mask
+
+
+def units_per_sample(model: FederatedMoE) -> int:
+    """The most units of the loss one sample of ``model`` holds (its ``units_per_sample``, 1 if absent)."""
+    return int(getattr(model, "units_per_sample", 1))
