@@ -66,6 +66,7 @@ def _model_state(run: FederatedRun) -> dict[str, torch.Tensor]:
         ({"federation.deadline": -1.0}, ValueError, "deadline"),
         ({"federation.deadline": None, "alignment.strategy": "deadline-aware"}, ValueError, "deadline"),
         ({"train.lr": 0.0}, ValueError, "train: lr"),
+        ({"train.optimizer": "adamw"}, ValueError, "train: optimizer"),
         ({"model.channels": ()}, ValueError, "channels"),
         ({"federation.rounds": 2.5}, TypeError, "rounds"),
         ({"fitness.cold_start": 1}, TypeError, "cold_start"),
@@ -121,12 +122,13 @@ def _train(run: FederatedRun, payload: ClientPayload, data, config: TrainConfig)
     return train_client(run.nodes[0].model, run.task, payload, data, config)
 
 
-def test_train_client_is_pure_and_trains_only_the_assigned_experts(digits):
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_train_client_is_pure_and_trains_only_the_assigned_experts(digits, optimizer):
     run = FederatedRun(CFG, digits)
     data = run.simulation.data(0, 0)
     payload = _payload(run, 0, [1, 3])
     sent = (payload.shared.clone(), payload.expert_rows.clone())
-    config = TrainConfig(epochs=2, batch_size=16)
+    config = TrainConfig(epochs=2, batch_size=16, optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01)
     first = _train(run, payload, data, config)
     assert torch.equal(payload.shared, sent[0]) and torch.equal(payload.expert_rows, sent[1])  # not aliased
     with torch.no_grad():  # a dirty workspace: other values everywhere, NaN in the unassigned experts
@@ -143,6 +145,7 @@ def test_train_client_is_pure_and_trains_only_the_assigned_experts(digits):
     assert check_update(first, payload) is None
     other = _train(run, dataclasses.replace(payload, seed=8), data, config)
     assert not torch.equal(other.shared, first.shared)  # the seed drives the shuffling
+    assert first.feedback.loss.mean() < first.feedback_before.loss.mean()  # it learns
 
 
 def test_feedback_follows_the_masked_gate(digits):

@@ -29,19 +29,22 @@ __all__ = ["ClientPayload", "ClientUpdate", "ExpertFeedback", "Node", "NodeProfi
            "gate_affinity", "load_shared", "profiles_of", "shared_vector", "train_client"]
 
 _EVAL_BATCH = 1024
+OPTIMIZERS = ("sgd", "adam")
 _REPORTED = ("compute", "memory", "bandwidth", "latency", "reliability", "samples")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The ``[train]`` section, local training: ``epochs`` over the client's data in shuffled mini-batches
-    of ``batch_size``, at most ``max_steps`` mini-batches a round (0 = no cap), SGD with ``lr`` and
-    ``momentum`` (fresh each round), loss = the task's loss + ``aux_loss`` · load-balancing loss of the MoE
-    layers; the per-expert feedback (and gate affinity) is measured on at most ``feedback_samples`` of the
-    client's samples, a seeded random subset (0 = all)."""
+    of ``batch_size``, at most ``max_steps`` mini-batches a round (0 = no cap), ``optimizer`` "sgd" (with
+    ``lr`` and ``momentum``) or "adam" (with ``lr``; what transformers need), its state fresh each round,
+    loss = the task's loss + ``aux_loss`` · load-balancing loss of the MoE layers; the per-expert feedback
+    (and gate affinity) is measured on at most ``feedback_samples`` of the client's samples, a seeded random
+    subset (0 = all)."""
 
     epochs: int = 1
     batch_size: int = 32
+    optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     aux_loss: float = 0.01
@@ -51,6 +54,8 @@ class TrainConfig:
     def __post_init__(self):
         _checks.integer("epochs", self.epochs, 1)
         _checks.integer("batch_size", self.batch_size, 1)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _checks.real("lr", self.lr, 0.0, lo_open=True)
         _checks.real("momentum", self.momentum, 0.0, 1.0, hi_open=True)
         _checks.real("aux_loss", self.aux_loss, 0.0)
@@ -225,7 +230,7 @@ def train_client(model: FederatedMoE, task: Task, payload: ClientPayload, data: 
     model.set_expert_mask(expert_mask(model.num_experts, experts))
     try:
         before = _feedback(model, task, probe, experts)
-        train_loss = _sgd(model, task, data, config, gen)
+        train_loss = _local_training(model, task, data, config, gen)
         feedback = _feedback(model, task, probe, experts)
     finally:
         model.set_expert_mask(None)
@@ -234,9 +239,11 @@ def train_client(model: FederatedMoE, task: Task, payload: ClientPayload, data: 
                         before, affinity)
 
 
-def _sgd(model: FederatedMoE, task: Task, data: Samples, config: TrainConfig, gen: torch.Generator) -> float:
+def _local_training(model: FederatedMoE, task: Task, data: Samples, config: TrainConfig,
+                    gen: torch.Generator) -> float:
     """Local epochs (at most ``max_steps`` mini-batches in all); returns the mean loss of the last epoch."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    optimizer = (torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+                 if config.optimizer == "sgd" else torch.optim.Adam(model.parameters(), lr=config.lr))
     model.train()
     n, steps = len(data), config.max_steps or math.inf
     for _ in range(config.epochs):
