@@ -87,7 +87,7 @@ class MixtralLoopFFN(nn.Module):
         counts = expert_mask.sum((1, 2))
         aux = self.num_experts * (counts.float() / selected.numel() * probs.mean(0)).sum()
         stats = MoEStats(aux, selected, routing_weights, counts, torch.zeros((), dtype=torch.int64),
-                         probs.detach().sum(0, dtype=torch.float64))
+                         probs.detach().sum(0, dtype=torch.float64), torch.zeros(()))
         return final.view(x.shape), stats
 
 
@@ -103,7 +103,8 @@ class DenseFFN(nn.Module):
         t = x.numel() // x.shape[-1]
         one = torch.zeros((t, 1), dtype=torch.int64)
         stats = MoEStats(torch.zeros(()), one, torch.ones((t, 1)), torch.tensor([t]),
-                         torch.zeros((), dtype=torch.int64), torch.full((1,), float(t), dtype=torch.float64))
+                         torch.zeros((), dtype=torch.int64), torch.full((1,), float(t), dtype=torch.float64),
+                         torch.zeros(()))
         return self.down(F.gelu(self.up(x))), stats
 
 

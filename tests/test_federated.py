@@ -192,6 +192,40 @@ def test_gate_affinity_is_the_mean_router_distribution(digits):
     affinity = gate_affinity(run.nodes[0].model, shared_vector(run.server.model), run.simulation.data(2, 0))
     assert affinity.shape == (4,) and affinity.dtype == np.float32
     assert affinity.sum() == pytest.approx(1.0, abs=1e-5) and (affinity > 0).all()
+    # a reply's affinity comes from its pass before training, tokens routed through the held experts only:
+    # the classifier's router sees the backbone alone, so that is the unmasked gate affinity
+    payload = dataclasses.replace(_payload(run, 2, [1, 3]), affinity=True)
+    sent = _train(run, payload, run.simulation.data(2, 0), TrainConfig()).affinity
+    np.testing.assert_allclose(sent, affinity, rtol=1e-5, atol=1e-7)
+    assert _train(run, _payload(run, 2, [1, 3]), run.simulation.data(2, 0), TrainConfig()).affinity is None
+
+
+def test_the_affinity_signal_moves_every_expert_of_a_clients_fitness_row(digits):
+    """``fitness.signal = "affinity"``: the payloads ask for the gate affinity and each accepted client's
+    whole row follows it (EMA), held experts or not; other rows decay towards their priors."""
+    config = CFG.replace({"fitness.signal": "affinity"})
+    run = FederatedRun(config, digits)
+    run.cold_start()
+    sent, train = {}, run.train
+
+    def recording(payload, data):
+        assert payload.affinity
+        update = train(payload, data)
+        sent[payload.client] = update.affinity
+        return update
+
+    run.train = recording
+    before = run.server.fitness.to_dense()
+    record = run.step()
+    after, lam, rho = run.server.fitness.to_dense(), config.fitness.ema, config.fitness.decay
+    assert record["accepted"] and set(sent) >= set(record["accepted"])
+    for client in range(config.federation.num_clients):
+        if client in record["accepted"]:
+            want = lam * before[client] + (1 - lam) * sent[client]
+        else:
+            prior = run.server.fitness.prior[client]
+            want = prior + rho * (before[client] - prior)
+        np.testing.assert_allclose(after[client], want, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------- server

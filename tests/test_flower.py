@@ -230,10 +230,10 @@ def test_rounds_on_local_grid_equal_own_loop():
     assert result.train_metrics_clientapp[2]["accepted"] == len(reference.history[1]["accepted"])
 
 
-@pytest.mark.parametrize("rescore", [False, True])
-def test_the_gate_affinity_travels_with_a_train_reply_only_under_drift_rescore(rescore):
-    config = CONFIG.replace({"federation.clients_per_round": 0, "drift.threshold": 1.0,
-                             "drift.rescore": rescore})
+@pytest.mark.parametrize("changes, asked", [({}, False), ({"drift.rescore": True}, True),
+                                             ({"fitness.signal": "affinity"}, True)])
+def test_the_gate_affinity_travels_with_a_train_reply_only_when_asked(changes, asked):
+    config = CONFIG.replace({"federation.clients_per_round": 0, "drift.threshold": 1.0, **changes})
     grid = LocalGrid(nodes(), config)
     strategy = strategy_for(config)
     messages = list(strategy.configure_train(1, strategy.arrays(), ConfigRecord(), grid))
@@ -244,7 +244,7 @@ def test_the_gate_affinity_travels_with_a_train_reply_only_under_drift_rescore(r
         client = strategy.nodes[reply.metadata.src_node_id]
         metrics = reply.content.metric_records["metrics"]
         parsed = strategy._reply(client, reply, plan.payloads[client].experts.size).update
-        if not rescore:
+        if not asked:
             assert "affinity" not in metrics and parsed.affinity is None
             continue
         own = run.train(plan.payloads[client], run.simulation.data(client, 0)).affinity

@@ -151,6 +151,35 @@ def test_masked_experts_are_never_touched(expert_compute):
     assert not torch.equal(layer.expert_bank[allowed], before[allowed])
 
 
+def test_routing_loss_trains_the_full_router_towards_the_allowed_experts():
+    """``route_loss`` is minus the log of the full router's mass on the allowed experts (0 without a mask);
+    ``gate_mass`` is the full router's distribution whatever the mask; the routing loss reaches the router
+    rows of masked experts (pushing their probability down) but never their expert weights."""
+    torch.manual_seed(6)
+    layer = MoELayer(8, 8, 6, 2)
+    x = torch.randn(40, 8)
+    full = layer.router(x).softmax(-1)
+    free = layer(x)[1]
+    assert free.route_loss.item() == 0.0
+    torch.testing.assert_close(free.gate_mass, full.detach().sum(0).double())
+    allowed = torch.tensor([False, True, False, True, True, False])
+    layer.set_expert_mask(allowed)
+    stats = layer(x)[1]
+    torch.testing.assert_close(stats.route_loss, -full[:, allowed].sum(1).log().mean())
+    torch.testing.assert_close(stats.gate_mass, free.gate_mass)  # the mask routes, it does not hide
+    router_grad, bank_grad = torch.autograd.grad(stats.route_loss, [layer.router.weight, layer.expert_bank],
+                                                 allow_unused=True)
+    assert torch.count_nonzero(router_grad[~allowed].abs().sum(1)) == int((~allowed).sum())
+    assert bank_grad is None  # the routing loss trains the router only
+    opt = torch.optim.SGD(layer.router.parameters(), lr=1.0)
+    for _ in range(50):
+        loss = layer(x)[1].route_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert layer(x)[1].route_loss.item() < 0.5 * stats.route_loss.item()
+
+
 def test_mask_with_fewer_experts_than_k_drops_the_extra_slots():
     torch.manual_seed(5)
     layer = MoELayer(8, 8, 6, 4)

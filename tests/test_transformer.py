@@ -4,6 +4,7 @@ checkpoints and a federated run."""
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -122,6 +123,9 @@ def test_stats_hold_the_load_balancing_loss_of_every_block():
         for block in model.blocks:
             block.moe.router.weight.zero_()  # uniform router: perfectly balanced
     torch.testing.assert_close(model(x)[1].aux_loss, torch.tensor(1.0))
+    model.set_expert_mask(torch.tensor([True, False, False, True]))  # uniform router: half the mass held
+    torch.testing.assert_close(model(x)[1].route_loss, torch.tensor(math.log(2.0)))
+    assert stats.route_loss.item() == 0.0
 
 
 def test_the_task_scores_every_position_against_the_shifted_window():

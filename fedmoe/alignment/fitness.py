@@ -33,7 +33,7 @@ from fedmoe.alignment._select import top_per_row
 
 __all__ = ["FITNESS_SIGNALS", "DenseFitness", "FitnessConfig", "FitnessTable", "LeanFitness", "fitness_table"]
 
-FITNESS_SIGNALS = ("after", "before")
+FITNESS_SIGNALS = ("after", "before", "affinity")
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,11 @@ class FitnessConfig:
     per-round pull of untrained pairs towards the prior (1 = none); prior: initial value of every pair;
     lean_keep >= 0: cold-start experts kept per client by :class:`LeanFitness`; prune_below >= 0:
     :class:`LeanFitness` forgets a pair once it is this close to the prior. For the federated loop:
-    signal ("after" | "before"): the feedback the EMA follows, measured after local training or before it
-    with the received weights; cold_start: score every expert with the initial gate's affinity first."""
+    signal ("after" | "before" | "affinity"): what the EMA follows: the feedback of the assigned experts
+    (share x accuracy) measured after local training or before it with the received weights, or the gate
+    affinity (the full router's mean probability of every expert on the client's data, held or not, with
+    the received weights: the whole row moves); cold_start: score every expert with the initial gate's
+    affinity first."""
 
     ema: float = 0.7
     decay: float = 0.95

@@ -38,7 +38,9 @@ class TrainConfig:
     """The ``[train]`` section, local training: ``epochs`` over the client's data in shuffled mini-batches
     of ``batch_size``, at most ``max_steps`` mini-batches a round (0 = no cap), ``optimizer`` "sgd" (with
     ``lr`` and ``momentum``) or "adam" (with ``lr``; what transformers need), its state fresh each round,
-    loss = the task's loss + ``aux_loss`` · load-balancing loss of the MoE layers; the per-expert feedback
+    loss = the task's loss + ``aux_loss`` · load-balancing loss + ``route_loss`` · routing loss of the MoE
+    layers (:class:`~fedmoe.models.MoEStats`: trains the full router towards the assigned experts, which
+    masked routing alone never does); the per-expert feedback
     (and gate affinity) is measured on at most ``feedback_samples`` of the client's samples, a seeded random
     subset (0 = all)."""
 
@@ -48,6 +50,7 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     aux_loss: float = 0.01
+    route_loss: float = 0.0
     max_steps: int = 0
     feedback_samples: int = 0
 
@@ -59,6 +62,7 @@ class TrainConfig:
         _checks.real("lr", self.lr, 0.0, lo_open=True)
         _checks.real("momentum", self.momentum, 0.0, 1.0, hi_open=True)
         _checks.real("aux_loss", self.aux_loss, 0.0)
+        _checks.real("route_loss", self.route_loss, 0.0)
         _checks.integer("max_steps", self.max_steps, 0)
         _checks.integer("feedback_samples", self.feedback_samples, 0)
 
@@ -68,7 +72,8 @@ class ClientPayload:
     """What the server sends one client: ``experts`` int64 [k] (sorted, distinct), ``shared`` float32 [S]
     (all parameters but the expert bank, in :func:`shared_vector` order), ``expert_rows`` float32 [k, P]
     (the assigned rows of the bank), ``seed`` of the local shuffling; ``affinity``: also measure the gate's
-    affinity to every expert with the received weights and send it back (drift re-scoring)."""
+    affinity to every expert with the received weights and send it back (``fitness.signal = "affinity"``,
+    drift re-scoring)."""
 
     round: int
     client: int
@@ -108,8 +113,8 @@ class ClientUpdate:
     last epoch), the per-expert ``feedback`` measured after local training and ``feedback_before``, the
     same measured before it with the received weights (how well the global experts fit the client's
     current data: it reacts when that data changes) and, if the payload asked for it, ``affinity`` float32
-    [E] (None otherwise): the gate's mean router probability of every expert, held or not, on the
-    client's current data with the received weights (:func:`gate_affinity`)."""
+    [E] (None otherwise): the full router's mean probability of every expert, held or not, on the
+    client's current data with the received weights (the tokens routed through its experts)."""
 
     client: int
     experts: np.ndarray
@@ -213,8 +218,9 @@ def train_client(model: FederatedMoE, task: Task, payload: ClientPayload, data: 
                  config: TrainConfig) -> ClientUpdate:
     """Train the shared parameters and the assigned experts on ``data`` with the gate masked to the
     assigned experts; measure the per-expert feedback before (one forward pass with the received weights)
-    and after; with ``payload.affinity`` also the gate affinity to every expert with the received
-    weights."""
+    and after; with ``payload.affinity`` also the gate affinity to every expert with the received weights
+    (from the pass before: the full router's distribution, the tokens routed through the assigned
+    experts)."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     n = len(data)
@@ -225,18 +231,17 @@ def train_client(model: FederatedMoE, task: Task, payload: ClientPayload, data: 
         raise ValueError("payload.experts must name at least one expert")
     gen = torch.Generator().manual_seed(payload.seed)
     probe = probe_samples(data, config.feedback_samples, gen)
-    affinity = gate_affinity(model, payload.shared, probe) if payload.affinity else None
     _load(model, payload.shared, experts, payload.expert_rows)
     model.set_expert_mask(expert_mask(model.num_experts, experts))
     try:
-        before = _feedback(model, task, probe, experts)
+        before, affinity = _feedback(model, task, probe, experts)
         train_loss = _local_training(model, task, data, config, gen)
-        feedback = _feedback(model, task, probe, experts)
+        feedback, _ = _feedback(model, task, probe, experts)
     finally:
         model.set_expert_mask(None)
     rows = model.expert_bank[torch.from_numpy(experts)].detach().clone()
     return ClientUpdate(payload.client, experts.copy(), shared_vector(model), rows, n, train_loss, feedback,
-                        before, affinity)
+                        before, affinity if payload.affinity else None)
 
 
 def _local_training(model: FederatedMoE, task: Task, data: Samples, config: TrainConfig,
@@ -256,7 +261,8 @@ def _local_training(model: FederatedMoE, task: Task, data: Samples, config: Trai
             batch = order[lo:lo + config.batch_size]
             inputs, targets = data[batch]
             outputs, stats = model(inputs)
-            loss = task.loss(outputs, targets) + config.aux_loss * stats.aux_loss
+            loss = (task.loss(outputs, targets) + config.aux_loss * stats.aux_loss
+                    + config.route_loss * stats.route_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -268,16 +274,22 @@ def _local_training(model: FederatedMoE, task: Task, data: Samples, config: Trai
 
 
 @torch.no_grad()
-def _feedback(model: FederatedMoE, task: Task, data: Samples, experts: np.ndarray) -> ExpertFeedback:
+def _feedback(model: FederatedMoE, task: Task, data: Samples,
+              experts: np.ndarray) -> tuple[ExpertFeedback, np.ndarray]:
+    """The per-expert feedback of the masked model on ``data`` and, from the same pass, its gate affinity
+    (float32 [E]: the full router's mean probability of each expert, tokens routed through ``experts``)."""
     model.eval()
     losses, correct, chosen = [], [], []
+    mass = torch.zeros(model.num_experts, dtype=torch.float64)
     for lo in range(0, len(data), _EVAL_BATCH):
         inputs, targets = data[lo:lo + _EVAL_BATCH]
         outputs, stats = model(inputs)
         losses.append(task.loss(outputs, targets, reduction="none"))
         correct.append(task.correct(outputs, targets))
         chosen.append(stats.expert_idx)
+        mass += stats.gate_mass
     loss, correct, chosen = torch.cat(losses).double(), torch.cat(correct).double(), torch.cat(chosen)
+    affinity = (mass / max(chosen.shape[0], 1)).numpy().astype(np.float32)
     hits = chosen[:, :, None] == torch.from_numpy(experts)  # [U, slots, k_assigned]
     routed = hits.any(1)  # [U, k]: unit routed to the expert in some slot
     samples = routed.sum(0).numpy().astype(np.int64)
@@ -285,7 +297,7 @@ def _feedback(model: FederatedMoE, task: Task, data: Samples, experts: np.ndarra
     share = hits.sum((0, 1)).double() / max(int((chosen >= 0).sum()), 1)
     mean_loss = (loss[:, None] * routed).sum(0) / denom
     accuracy = (correct[:, None] * routed).sum(0) / denom
-    return ExpertFeedback(share.numpy(), mean_loss.numpy(), accuracy.numpy(), samples)
+    return ExpertFeedback(share.numpy(), mean_loss.numpy(), accuracy.numpy(), samples), affinity
 
 
 class Node:

@@ -213,7 +213,7 @@ class Server:
             seed = int(np.random.SeedSequence(key).generate_state(1)[0])
             payloads[client] = ClientPayload(self.round, client, experts, shared,
                                              bank[torch.from_numpy(experts)].clone(), seed,
-                                             affinity=self.config.drift.rescore)
+                                             affinity=self._wants_affinity)
         return RoundPlan(self.round, selected, alignment, payloads)
 
     # ------------------------------------------------------------------ aggregate
@@ -326,11 +326,9 @@ class Server:
         ``seconds`` to the profiles. Returns the drift detector's ``(reset clients, fitness error)``."""
         clients, experts, samples = self._pairs(accepted)
         before = np.concatenate([u.feedback_before.fitness() for u in accepted] or [np.zeros(0)])
-        values = before if self.config.fitness.signal == "before" else np.concatenate(
-            [u.feedback.fitness() for u in accepted] or [np.zeros(0)])
         fresh = self._rescored(accepted)
         reset, error = self.drift.step(self.fitness, clients, experts, before, rescore=fresh)
-        self.fitness.update(clients, experts, values)
+        self.fitness.update(*self._fitness_values(accepted, clients, experts, before))
         self.load.update(experts, samples)
         if plan.payloads:
             sizes = [p.experts.size for p in plan.payloads.values()]
@@ -338,6 +336,26 @@ class Server:
             self.profiles.observe(np.fromiter(plan.payloads, np.int64)[valid], np.asarray(sizes)[valid],
                                   seconds[valid])
         return reset, error
+
+    @property
+    def _wants_affinity(self) -> bool:
+        """Whether the payloads ask for the gate affinity (the fitness follows it, or drift re-scores)."""
+        return self.config.fitness.signal == "affinity" or self.config.drift.rescore
+
+    def _fitness_values(self, accepted: list[ClientUpdate], clients: np.ndarray, experts: np.ndarray,
+                        before: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (clients, experts, values) the fitness EMA follows under ``fitness.signal``: the assigned
+        pairs' feedback before or after training, or every expert of each client that sent its affinity."""
+        signal = self.config.fitness.signal
+        if signal == "before":
+            return clients, experts, before
+        if signal == "after":
+            return clients, experts, np.concatenate([u.feedback.fitness() for u in accepted] or [np.zeros(0)])
+        rows = [u for u in accepted if u.affinity is not None]
+        e = self.num_experts
+        return (np.repeat(np.array([u.client for u in rows], dtype=np.int64), e),
+                np.tile(np.arange(e, dtype=np.int64), len(rows)),
+                np.concatenate([np.asarray(u.affinity, np.float64) for u in rows] or [np.zeros(0)]))
 
     def _rescored(self, accepted: list[ClientUpdate]) -> dict[int, np.ndarray] | None:
         """Client -> the gate affinity it sent, under ``drift.rescore`` (None otherwise)."""

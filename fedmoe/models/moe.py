@@ -36,8 +36,12 @@ class MoEStats:
     - ``weights``: float32 [T, k], combine weights (softmax over the top-k choices).
     - ``counts``: int64 [E], rows each expert processed.
     - ``dropped``: int64 scalar, slots dropped for capacity.
-    - ``gate_mass``: float64 [E], the router's probabilities summed over the T tokens (no gradient); with
-      no mask, ``gate_mass / T`` is the mean router distribution.
+    - ``gate_mass``: float64 [E], the full router's probabilities (a softmax over all E experts, the mask
+      ignored) summed over the T tokens (no gradient): ``gate_mass / T`` is the mean router distribution.
+    - ``route_loss``: float32 scalar, the routing loss under a mask: the mean over the tokens of
+      ``logsumexp(all logits) - logsumexp(allowed logits)``, minus the log of the full router's probability
+      mass on the allowed experts (0 without a mask). It trains the full router to send the tokens where
+      they were trained (docs/design.md, Routing loss).
     """
 
     aux_loss: torch.Tensor
@@ -46,6 +50,7 @@ class MoEStats:
     counts: torch.Tensor
     dropped: torch.Tensor
     gate_mass: torch.Tensor
+    route_loss: torch.Tensor
 
 
 @cache
@@ -211,12 +216,15 @@ class MoELayer(nn.Module):
 
     def _route(self, x: torch.Tensor):
         """(expert_idx [T,k] after mask and capacity, weights [T,k] float32, aux loss, dropped count,
-        gate mass [E] float64)."""
+        gate mass [E] float64, routing loss)."""
         t, k, e = x.shape[0], self.top_k, self.num_experts
-        logits = self.router(x).float()
+        full = self.router(x).float()
+        gate_mass = full.detach().softmax(-1).sum(0, dtype=torch.float64)
         allowed = self.expert_mask
+        logits, route_loss = full, full.new_zeros(())
         if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
+            logits = full.masked_fill(~allowed, float("-inf"))
+            route_loss = (full.logsumexp(-1) - logits.logsumexp(-1)).mean() if t else route_loss
         probs = logits.softmax(-1)
         top_p, top_i = probs.topk(k, dim=-1)
         if allowed is not None:  # with fewer than k allowed experts the extra choices are masked ones
@@ -226,16 +234,16 @@ class MoELayer(nn.Module):
         chosen = top_i.reshape(-1)
         share = torch.bincount(chosen[chosen >= 0], minlength=e).float() / chosen.ge(0).sum()
         aux_loss = num_allowed * (share * probs.mean(0)).sum()
-        gate_mass = probs.detach().sum(0, dtype=torch.float64)
         if self.capacity_factor is None:
-            return top_i, weights, aux_loss, torch.zeros((), dtype=torch.int64, device=x.device), gate_mass
+            no_drops = torch.zeros((), dtype=torch.int64, device=x.device)
+            return top_i, weights, aux_loss, no_drops, gate_mass, route_loss
         capacity = math.ceil(self.capacity_factor * t * min(k, num_allowed) / num_allowed)
         # Rank of each slot within its expert in slot-major order: route the transposed choices.
         slot_major = route(top_i.t().reshape(-1, 1), e, backend=self.backend)
         expert_start = slot_major.offsets[top_i.clamp(min=0)]
         rank = slot_major.inverse.view(k, t).t() - expert_start
         overflow = (rank >= capacity) & (top_i >= 0)
-        return top_i.masked_fill(overflow, -1), weights, aux_loss, overflow.sum(), gate_mass
+        return top_i.masked_fill(overflow, -1), weights, aux_loss, overflow.sum(), gate_mass, route_loss
 
     def _experts(self, rows: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -274,11 +282,12 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
         columns = self._columns(bank)
         tokens = x.reshape(-1, self.d_model)
-        expert_idx, weights, aux_loss, dropped, gate_mass = self._route(tokens)
+        expert_idx, weights, aux_loss, dropped, gate_mass, route_loss = self._route(tokens)
         plan = route(expert_idx, self.num_experts, backend=self.backend)
         rows = self._experts(dispatch(tokens, plan, backend=self.backend), plan.offsets, columns)
         out = combine(rows, plan, weights, backend=self.backend)
-        return out.view(x.shape), MoEStats(aux_loss, expert_idx, weights, plan.counts, dropped, gate_mass)
+        stats = MoEStats(aux_loss, expert_idx, weights, plan.counts, dropped, gate_mass, route_loss)
+        return out.view(x.shape), stats
 
 
 class _ExpertLoop(torch.autograd.Function):

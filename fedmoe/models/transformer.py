@@ -54,8 +54,8 @@ class Block(nn.Module):
 
 def merge_stats(stats: list[MoEStats]) -> MoEStats:
     """One token's routing over all blocks: slots side by side (``expert_idx``/``weights`` [T, blocks*k]),
-    ``counts`` and ``dropped`` summed, ``aux_loss`` and ``gate_mass`` averaged over the blocks (so that
-    ``gate_mass / T`` is still a distribution and a balanced ``aux_loss`` still 1)."""
+    ``counts`` and ``dropped`` summed, ``aux_loss``, ``gate_mass`` and ``route_loss`` averaged over the
+    blocks (so that ``gate_mass / T`` is still a distribution and a balanced ``aux_loss`` still 1)."""
     return MoEStats(
         aux_loss=torch.stack([s.aux_loss for s in stats]).mean(),
         expert_idx=torch.cat([s.expert_idx for s in stats], 1),
@@ -63,6 +63,7 @@ def merge_stats(stats: list[MoEStats]) -> MoEStats:
         counts=torch.stack([s.counts for s in stats]).sum(0),
         dropped=torch.stack([s.dropped for s in stats]).sum(),
         gate_mass=torch.stack([s.gate_mass for s in stats]).mean(0),
+        route_loss=torch.stack([s.route_loss for s in stats]).mean(),
     )
 
 
