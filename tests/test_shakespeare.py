@@ -333,7 +333,9 @@ def test_evaluation_options_that_do_not_fit_the_run_are_named(tiny_shakespeare, 
     path, clients = tiny_shakespeare
     with pytest.raises(ValueError, match=r"evaluation\.aligned"):
         FederatedRun(_lm_config(path, clients).replace({"evaluation.aligned": True}))
+    with pytest.raises(ValueError, match=r"evaluation\.clients.*partition = natural"):
+        FederatedRun(_lm_config(path, clients).replace({"data.partition": "iid"}))
     iid = FederatedConfig().replace({"federation.rounds": 1, "federation.num_clients": 4,
                                      "federation.clients_per_round": 0, "evaluation.clients": True})
-    with pytest.raises(ValueError, match="partition = natural"):
-        run_experiment(iid, dataset=digits)
+    per_client = run_experiment(iid, dataset=digits)["client_evaluation"]  # classes weighted by labels
+    assert per_client["all"]["clients"] == per_client["aligned"]["clients"] == 4

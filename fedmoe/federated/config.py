@@ -86,14 +86,19 @@ class EvaluationConfig:
     one test-set pass per distinct assignment), ``test_samples`` (each round's global evaluation on at most
     this many test samples, a subset fixed by the seed; 0 = all), ``clients`` (after the last round,
     evaluate each client on its own test split, with all experts and with its aligned experts: the
-    results' ``client_evaluation``; for data with natural clients) and ``client_samples`` (that evaluation
-    on at most this many of each client's test samples, a subset fixed by the client id; 0 = all)."""
+    results' ``client_evaluation``, :func:`fedmoe.federated.evaluation.client_evaluation`),
+    ``client_samples`` (that evaluation on at most this many of each natural client's test samples, a
+    subset fixed by the client id; 0 = all), ``max_clients`` (it evaluates at most this many clients, a
+    subset fixed by the seed; 0 = all) and ``finetune_steps`` (it also scores each client after this many
+    local mini-batches of fine-tuning with its aligned experts: the personalised baseline; 0 = none)."""
 
     target_accuracy: float = 0.85
     aligned: bool = False
     test_samples: int = 0
     clients: bool = False
     client_samples: int = 0
+    max_clients: int = 0
+    finetune_steps: int = 0
 
     def __post_init__(self):
         _checks.real("target_accuracy", self.target_accuracy, 0.0, 1.0)
@@ -101,6 +106,8 @@ class EvaluationConfig:
         _checks.integer("test_samples", self.test_samples, 0)
         _checks.boolean("clients", self.clients)
         _checks.integer("client_samples", self.client_samples, 0)
+        _checks.integer("max_clients", self.max_clients, 0)
+        _checks.integer("finetune_steps", self.finetune_steps, 0)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from fedmoe.data import Samples
 from fedmoe.models import FederatedMoE, Task, expert_mask
 
 __all__ = ["ClientPayload", "ClientUpdate", "ExpertFeedback", "Node", "NodeProfile", "TrainConfig",
-           "gate_affinity", "load_shared", "profiles_of", "shared_vector", "train_client"]
+           "gate_affinity", "load_shared", "local_training", "profiles_of", "shared_vector", "train_client"]
 
 _EVAL_BATCH = 1024
 OPTIMIZERS = ("sgd", "adam")
@@ -235,7 +235,7 @@ def train_client(model: FederatedMoE, task: Task, payload: ClientPayload, data: 
     model.set_expert_mask(expert_mask(model.num_experts, experts))
     try:
         before, affinity = _feedback(model, task, probe, experts)
-        train_loss = _local_training(model, task, data, config, gen)
+        train_loss = local_training(model, task, data, config, gen)
         feedback, _ = _feedback(model, task, probe, experts)
     finally:
         model.set_expert_mask(None)
@@ -244,7 +244,7 @@ def train_client(model: FederatedMoE, task: Task, payload: ClientPayload, data: 
                         before, affinity if payload.affinity else None)
 
 
-def _local_training(model: FederatedMoE, task: Task, data: Samples, config: TrainConfig,
+def local_training(model: FederatedMoE, task: Task, data: Samples, config: TrainConfig,
                     gen: torch.Generator) -> float:
     """Local epochs (at most ``max_steps`` mini-batches in all); returns the mean loss of the last epoch."""
     optimizer = (torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)

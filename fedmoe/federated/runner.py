@@ -25,18 +25,18 @@ from fedmoe.alignment import ModelCost
 from fedmoe.data import Dataset, Samples, load_dataset, partition
 from fedmoe.federated.checkpoint import load_checkpoint, save_checkpoint
 from fedmoe.federated.config import FederatedConfig
+from fedmoe.federated.evaluation import aligned_accuracy, check_evaluation, client_evaluation
 from fedmoe.federated.node import (
     ClientPayload,
     ClientUpdate,
     Node,
     NodeProfile,
-    probe_samples,
     profiles_of,
     shared_vector,
 )
 from fedmoe.federated.server import Server
 from fedmoe.federated.simulation import Simulation, make_profiles, model_cost
-from fedmoe.models import build_model, build_task, expert_mask, units_per_sample
+from fedmoe.models import build_model, build_task
 
 __all__ = ["CHECKPOINT_VERSION", "FederatedRun", "build_nodes", "initial_model", "load_data",
            "partition_clients", "rounds_to_target", "run_experiment", "test_samples"]
@@ -134,9 +134,7 @@ class FederatedRun:
         seed = config.federation.seed
         self.dataset = load_data(config) if dataset is None else dataset
         self.parts, model, self.task, self.cost, truth, nodes = build_nodes(config, self.dataset, cost)
-        if config.evaluation.aligned and units_per_sample(model) != 1:
-            raise ValueError("evaluation.aligned scores one unit per sample (classifiers); use "
-                             "evaluation.clients for a model with several units per sample")
+        check_evaluation(config, model)
         # the server plans with the reported profiles, refined by observation; the simulation keeps the truth
         reported = profiles_of([node.profile for node in nodes], self.cost, config.profiles)
         self.server = Server(model, self.task, reported, config)
@@ -175,60 +173,13 @@ class FederatedRun:
         self.history.append(record)
         return record
 
-    @torch.no_grad()
     def aligned_accuracy(self, round_: int, assigned: dict) -> float | None:
-        """What the clients' devices score with only the experts they were given: mean, over the clients in
-        ``assigned`` (client -> experts), of the global model's test accuracy with the gate masked to the
-        client's experts, each class weighted by its share of the client's data at round ``round_`` (so it
-        follows drift). None if no client was assigned experts. Unlike ``accuracy`` (all experts allowed),
-        it depends on which experts the alignment gives each client. For classification tasks."""
-        model, test, classes = self.server.model, self.test, self.dataset.num_classes
-        y = test.targets.numpy()
-        counts = np.bincount(y, minlength=classes).astype(np.float64)
-        per_class, scores = {}, []
-        model.eval()
-        try:
-            for client, experts in assigned.items():
-                key = tuple(int(e) for e in experts)
-                if key not in per_class:
-                    model.set_expert_mask(expert_mask(model.num_experts, key))
-                    batches = (test[lo:lo + 1024] for lo in range(0, len(test), 1024))
-                    correct = torch.cat([self.task.correct(model(inputs)[0], targets)
-                                         for inputs, targets in batches])
-                    per_class[key] = np.bincount(y, weights=correct.numpy().astype(np.float64),
-                                                 minlength=classes) / np.maximum(counts, 1)
-                labels = self.simulation.data(int(client), round_).targets.numpy()
-                share = np.bincount(labels, minlength=classes) / max(labels.size, 1)
-                scores.append(float(share @ per_class[key]))
-        finally:
-            model.set_expert_mask(None)
-        return float(np.mean(scores)) if scores else None
+        """:func:`fedmoe.federated.evaluation.aligned_accuracy` of this run."""
+        return aligned_accuracy(self, round_, assigned)
 
-    @torch.no_grad()
     def client_evaluation(self) -> dict:
-        """Each client on its own test split (LEAF's protocol), with all experts (``all``) and with the
-        experts of its last assignment (``aligned``; clients never assigned are left out): the headline
-        metric (``last_accuracy`` where the task has it, else ``accuracy``) as ``mean``, ``p10``, ``p50``,
-        ``p90`` over the clients, and their number. For data with natural clients."""
-        if self.config.data.partition != "natural":
-            raise ValueError("evaluation.clients needs the data's own clients: [data] partition = natural")
-        last = {}
-        for record in self.history:
-            last.update({int(c): e for c, e in record["assigned"].items()})
-        scores, cap = {"all": [], "aligned": []}, self.config.evaluation.client_samples
-        for client in range(self.dataset.num_clients):
-            test = probe_samples(self.dataset.client_test_samples(client), cap,
-                                 torch.Generator().manual_seed(client))
-            if len(test) == 0:
-                continue
-            aligned = last.get(client)
-            views = [("all", None)]
-            if aligned:
-                views.append(("aligned", expert_mask(self.server.num_experts, aligned)))
-            for name, mask in views:
-                result = self.server.evaluate(test, mask=mask)
-                scores[name].append(result.get("last_accuracy", result["accuracy"]))
-        return {name: _percentiles(values) for name, values in scores.items()}
+        """:func:`fedmoe.federated.evaluation.client_evaluation` of this run."""
+        return client_evaluation(self)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -275,15 +226,6 @@ class FederatedRun:
             "bytes_received": sum(r["bytes_received"] for r in self.history),
             "sim_time": self.history[-1]["sim_time"] if self.history else 0.0,
         }
-
-
-def _percentiles(values: list[float]) -> dict:
-    """``{"clients", "mean", "p10", "p50", "p90"}`` of per-client scores (None where there are none)."""
-    if not values:
-        return {"clients": 0, "mean": None, "p10": None, "p50": None, "p90": None}
-    p10, p50, p90 = np.percentile(values, [10, 50, 90])
-    return {"clients": len(values), "mean": float(np.mean(values)), "p10": float(p10), "p50": float(p50),
-            "p90": float(p90)}
 
 
 def run_experiment(config: FederatedConfig, *, checkpoint=None, resume: bool = False,

@@ -39,6 +39,7 @@ from fedmoe.data import Samples
 from fedmoe.federated.bounds import Bounds, delta_norms
 from fedmoe.federated.checkpoint import check_finite, to_numpy
 from fedmoe.federated.config import FederatedConfig
+from fedmoe.federated.evaluation import evaluate
 from fedmoe.federated.node import ClientPayload, ClientUpdate, ExpertFeedback, load_shared, shared_vector
 from fedmoe.federated.simulation import ClientReply
 from fedmoe.models import FederatedMoE, Task, units_per_sample
@@ -386,32 +387,11 @@ class Server:
 
     # ------------------------------------------------------------------ evaluate
 
-    @torch.no_grad()
     def evaluate(self, data: Samples, batch_size: int = 1024,
                  mask: torch.Tensor | None = None) -> dict[str, float]:
-        """``{"loss", "accuracy"}`` of the global model on ``data``, per unit of the task's loss, with the
-        experts where ``mask`` (bool [E]) is True (all if None). A task with ``metrics`` (sums of
-        ``<name>_correct`` and ``<name>_units`` over the batch) adds ``<name>_accuracy``: the language model's
-        ``last_accuracy``, LEAF's accuracy of the next character after each window."""
-        self.model.set_expert_mask(mask)
-        self.model.eval()
-        loss, correct, units, sums = 0.0, 0, 0, {}
-        try:
-            for lo in range(0, len(data), batch_size):
-                inputs, targets = data[lo:lo + batch_size]
-                outputs, _ = self.model(inputs)
-                loss += float(self.task.loss(outputs, targets, reduction="sum"))
-                hits = self.task.correct(outputs, targets)
-                correct += int(hits.sum())
-                units += hits.numel()
-                for name, value in getattr(self.task, "metrics", lambda o, t: {})(outputs, targets).items():
-                    sums[name] = sums.get(name, 0.0) + value
-        finally:
-            self.model.set_expert_mask(None)
-        stems = [name.removesuffix("_correct") for name in sums if name.endswith("_correct")]
-        extra = {f"{stem}_accuracy": sums[f"{stem}_correct"] / max(sums[f"{stem}_units"], 1)
-                 for stem in stems}
-        return {"loss": loss / max(units, 1), "accuracy": correct / max(units, 1), **extra}
+        """:func:`fedmoe.federated.evaluation.evaluate` of the global model (``loss``, ``accuracy`` and the
+        task's metrics, e.g. the language model's ``last_accuracy``)."""
+        return evaluate(self.model, self.task, data, batch_size, mask)
 
     # ------------------------------------------------------------------ state
 
