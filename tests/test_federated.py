@@ -67,7 +67,7 @@ def _model_state(run: FederatedRun) -> dict[str, torch.Tensor]:
         ({"federation.deadline": None, "alignment.strategy": "deadline-aware"}, ValueError, "deadline"),
         ({"train.lr": 0.0}, ValueError, "train: lr"),
         ({"train.optimizer": "adamw"}, ValueError, "train: optimizer"),
-        ({"model.channels": ()}, ValueError, "channels"),
+        ({"model.channels": (4, 0)}, ValueError, "channels"),
         ({"federation.rounds": 2.5}, TypeError, "rounds"),
         ({"fitness.cold_start": 1}, TypeError, "cold_start"),
         ({"load.decay": 0.0}, ValueError, "decay"),
@@ -107,6 +107,19 @@ def test_every_option_of_the_sections_is_in_the_tree_once():
     assert FederatedConfig.from_flat({k.replace("_", "-"): v for k, v in flat.items()}) == CFG
     assert FederatedConfig.from_flat({"model.channels": "8,16", "federation.deadline": "none",
                                       "drift.threshold": "1", "drift.rescore": "true"}).drift.rescore
+    assert FederatedConfig.from_flat({"model.channels": ""}).model.channels == ()
+
+
+def test_a_classifier_without_convolutions_leaves_the_capacity_to_the_experts(digits):
+    """``model.channels = ()``: the backbone is the pooled image's linear projection (a weak backbone)."""
+    run = FederatedRun(CFG.replace({"model.channels": (), "federation.rounds": 1}), digits)
+    model = run.server.model
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    weak = sum(p.numel() for _, p in model.named_shared_parameters())
+    strong = sum(p.numel() for _, p in FederatedRun(CFG, digits).server.model.named_shared_parameters())
+    assert weak < strong
+    record = run.step()
+    assert record["accepted"] and np.isfinite(record["loss"])
 
 
 # ---------------------------------------------------------------------------------------------- client

@@ -127,8 +127,8 @@ class Option:
         """The value of a command-line or flat-key string."""
         if self.optional and text.strip().lower() == "none":
             return None
-        if self.sequence:
-            return tuple(self._scalar(t.strip()) for t in text.split(","))
+        if self.sequence:  # "" is the empty sequence
+            return tuple(self._scalar(t.strip()) for t in text.split(",")) if text.strip() else ()
         return self._scalar(text)
 
     def _scalar(self, text: str):

@@ -23,9 +23,10 @@ INPUT_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32
 class MoEClassifier(nn.Module):
     """images [B, C, H, W] (or flattened [B, C*H*W]) -> (logits [B, num_classes], MoEStats).
 
-    Backbone: 3x3 convolutions with ReLU (``channels``), stride 2 while the feature map is wider than 4,
-    then average-pooled to 4x4 and projected to ``d_model``. Then ``h + moe(layer_norm(h))`` and a linear
-    head. ``moe_kwargs`` go to :class:`MoELayer` (``top_k``, ``capacity_factor``, ``backend``, ...).
+    Backbone: 3x3 convolutions with ReLU (``channels``; none is allowed), stride 2 while the feature map is
+    wider than 4, then average-pooled to 4x4 and projected to ``d_model``. Then ``h + moe(layer_norm(h))``
+    and a linear head. ``moe_kwargs`` go to :class:`MoELayer` (``top_k``, ``capacity_factor``, ``backend``,
+    ...).
     """
 
     def __init__(

@@ -21,10 +21,11 @@ MODEL_KINDS = ("classifier", "transformer")
 @dataclass(frozen=True)
 class ModelConfig:
     """``kind``: the model (``classifier``: :class:`~fedmoe.models.MoEClassifier`, a convolutional backbone
-    with ``channels`` per layer, then one MoE layer; ``transformer``: :class:`~fedmoe.models.MoETransformer`,
-    a language model of ``blocks`` blocks with ``heads`` attention heads and an MoE feed-forward each, for
-    token windows); ``num_experts`` E (at most 4096), ``top_k`` experts per token, ``d_model`` token width,
-    ``d_hidden`` expert hidden width."""
+    with ``channels`` per layer (none: a linear projection of the pooled image, a weak backbone that
+    leaves the capacity to the experts), then one MoE layer; ``transformer``:
+    :class:`~fedmoe.models.MoETransformer`, a language model of ``blocks`` blocks with ``heads`` attention
+    heads and an MoE feed-forward each, for token windows); ``num_experts`` E (at most 4096), ``top_k``
+    experts per token, ``d_model`` token width, ``d_hidden`` expert hidden width."""
 
     kind: str = "classifier"
     num_experts: int = 8
@@ -46,8 +47,9 @@ class ModelConfig:
             raise ValueError(f"top_k must be <= min(8, num_experts) = {min(8, self.num_experts)}, "
                              f"got {self.top_k}")
         channels = tuple(self.channels) if isinstance(self.channels, list | tuple) else None
-        if not channels or not all(type(c) is int and c > 0 for c in channels):
-            raise ValueError(f"channels must be a non-empty sequence of positive ints, got {self.channels!r}")
+        if channels is None or not all(type(c) is int and c > 0 for c in channels):
+            raise ValueError(f"channels must be a sequence of positive ints (empty: no convolutions), got "
+                             f"{self.channels!r}")
         object.__setattr__(self, "channels", channels)
         if self.kind == "transformer" and self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} must be a multiple of heads={self.heads}")
