@@ -105,6 +105,7 @@ class SharedExpert(RandomStrategy):
     def _select(self, state, scores, capacity):
         self._rng(state).random(out=scores, dtype=np.float32)
         scores[:, 0] = 2.0  # above every random score
+        self._forbid(state, scores, state.available)
         return state.available, *top_per_row(scores, capacity), None
 
 
@@ -119,6 +120,7 @@ class LabelOracle(RandomStrategy):
     def _select(self, state, scores, capacity):
         self._rng(state).random(out=scores, dtype=np.float32)
         scores += self.preference[state.available]
+        self._forbid(state, scores, state.available)
         return state.available, *top_per_row(scores, capacity), None
 
 
@@ -186,7 +188,8 @@ def main() -> None:
     parser.add_argument("--plain", default="a0.1-e8-strong,a0.1-e32-strong",
                         help="settings that also run the strategies without the remedies")
     parser.add_argument("--shakespeare", type=Path, default=None, help="what `fedmoe data shakespeare` wrote")
-    parser.add_argument("--roles", type=int, default=200, help="Shakespeare roles evaluated per client")
+    parser.add_argument("--roles", type=int, default=200,
+                        help="Shakespeare roles in the per-client evaluation")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=None, help="override the settings' rounds")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))

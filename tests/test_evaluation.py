@@ -3,12 +3,21 @@ fine-tuning (the personalised baseline), on natural clients and on label-weighte
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from fedmoe.federated import FederatedConfig, FederatedRun
-from fedmoe.federated.evaluation import class_accuracy, client_evaluation, label_share
+from fedmoe.federated.evaluation import (
+    _finetune,
+    class_accuracy,
+    client_evaluation,
+    evaluate,
+    label_share,
+    weighted_accuracy,
+)
 from fedmoe.federated.node import probe_samples
 from fedmoe.models import expert_mask
 
@@ -37,6 +46,20 @@ def _last_assignment(run: FederatedRun) -> dict[int, tuple[int, ...]]:
     return last
 
 
+def digits_test(run: FederatedRun):
+    """The whole test set (every class has samples in it)."""
+    test = run.dataset.test_samples()
+    assert set(test.targets.tolist()) == set(range(10))
+    return test
+
+
+def test_a_class_missing_from_the_test_set_leaves_the_weighting():
+    share = np.array([0.5, 0.25, 0.25])
+    assert weighted_accuracy(share, np.array([1.0, np.nan, 0.0])) == pytest.approx(0.5 / 0.75)
+    assert weighted_accuracy(share, np.array([0.8, 0.4, 0.0])) == pytest.approx(0.5)
+    assert weighted_accuracy(np.array([0.0, 1.0, 0.0]), np.array([1.0, np.nan, 0.0])) is None
+
+
 def test_without_natural_clients_each_class_is_weighted_by_the_clients_labels(digits):
     run = _played(CFG, digits)
     state = {k: v.clone() for k, v in run.server.model.state_dict().items()}
@@ -47,11 +70,12 @@ def test_without_natural_clients_each_class_is_weighted_by_the_clients_labels(di
     assert result["all"]["clients"] == 6 and result["aligned"]["clients"] == len(last)
     for client in range(6):
         share = label_share(run.simulation.data(client, run.server.round - 1).targets, classes)
-        want = share @ class_accuracy(model, run.task, run.test, classes)
+        test = digits_test(run)
+        want = share @ class_accuracy(model, run.task, test, classes)
         assert result["all"]["scores"][client] == pytest.approx(want)
         if client in last:
             mask = expert_mask(4, last[client])
-            want = share @ class_accuracy(model, run.task, run.test, classes, mask)
+            want = share @ class_accuracy(model, run.task, test, classes, mask)
             assert result["aligned"]["scores"][client] == pytest.approx(want)
     scores = list(result["all"]["scores"].values())
     assert result["all"]["mean"] == pytest.approx(np.mean(scores))
@@ -90,7 +114,7 @@ def test_fine_tuning_trains_a_copy_for_exactly_the_given_steps_with_the_aligned_
     assert tuned == sorted(result["aligned"]["scores"]) and tuned
     assert len(steps) == 2 * 7 * len(tuned)  # two evaluations, 7 mini-batches per client, however small
     last = _last_assignment(run)
-    assert set(masks) <= {last[c] for c in tuned}
+    assert sorted(masks) == sorted([last[c] for c in tuned] * 2)  # each client trains its own experts
     assert any(result["finetuned"]["scores"][c] != result["aligned"]["scores"][c] for c in tuned)
     for name, value in run.server.model.state_dict().items():
         assert torch.equal(value, state[name]), name
@@ -114,12 +138,24 @@ def test_natural_clients_are_scored_on_their_own_test_split_with_and_without_fin
         assert result["all"]["scores"][client] == pytest.approx(want)
         want = run.server.evaluate(test, mask=expert_mask(4, last[client]))["last_accuracy"]
         assert result["aligned"]["scores"][client] == pytest.approx(want)
-        assert 0 <= result["finetuned"]["scores"][client] <= 1
+        # a fresh copy fine-tuned alone scores the same: nothing leaks from one client to the next
+        alone = copy.deepcopy(run.server.model)
+        _finetune(run, alone, client, run.server.round - 1, last[client], 2)
+        want = run.server.evaluate(test)  # the global model again: untouched
+        assert result["all"]["scores"][client] == pytest.approx(want["last_accuracy"])
+        mask = expert_mask(4, last[client])
+        tuned = evaluate(alone, run.task, test, mask=mask)["last_accuracy"]
+        assert result["finetuned"]["scores"][client] == pytest.approx(tuned)
 
 
 @pytest.mark.parametrize(("changes", "match"), [
     ({"evaluation.finetune_steps": -1}, "evaluation: finetune_steps"),
     ({"evaluation.max_clients": 1.5}, "evaluation: max_clients"),
+    ({"evaluation.clients": False, "evaluation.finetune_steps": 3},
+     "finetune_steps needs evaluation.clients"),
+    ({"evaluation.clients": False, "evaluation.max_clients": 3}, "max_clients needs evaluation.clients"),
+    ({"model.kind": "transformer", "evaluation.clients": False, "evaluation.aligned": True},
+     "evaluation.aligned scores one unit"),
 ])
 def test_bad_evaluation_options_are_named(changes, match):
     with pytest.raises((TypeError, ValueError), match=match):

@@ -216,15 +216,15 @@ def test_gate_affinity_is_the_mean_router_distribution(digits):
 def test_the_affinity_signal_moves_every_expert_of_a_clients_fitness_row(digits):
     """``fitness.signal = "affinity"``: the payloads ask for the gate affinity and each accepted client's
     whole row follows it (EMA), held experts or not; other rows decay towards their priors."""
-    config = CFG.replace({"fitness.signal": "affinity"})
+    config = CFG.replace({"fitness.signal": "affinity", "drift.threshold": 1.0})
     run = FederatedRun(config, digits)
     run.cold_start()
-    sent, train = {}, run.train
+    sent, held, train = {}, {}, run.train
 
     def recording(payload, data):
         assert payload.affinity
         update = train(payload, data)
-        sent[payload.client] = update.affinity
+        sent[payload.client], held[payload.client] = update.affinity, payload.experts
         return update
 
     run.train = recording
@@ -239,6 +239,9 @@ def test_the_affinity_signal_moves_every_expert_of_a_clients_fitness_row(digits)
             prior = run.server.fitness.prior[client]
             want = prior + rho * (before[client] - prior)
         np.testing.assert_allclose(after[client], want, rtol=1e-5, atol=1e-7)
+    # the drift detector compares like with like: the table against the held experts' affinity
+    errors = np.concatenate([np.abs(sent[c][held[c]] - before[c, held[c]]) for c in record["accepted"]])
+    assert record["fitness_error"] == pytest.approx(errors.mean(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- server
@@ -399,6 +402,15 @@ def test_check_update_names_what_is_wrong(digits, mutate, reason):
     assert reason in check_update(mutate(update), payload, CFG.model.num_experts)
 
 
+def test_a_reply_without_the_affinity_it_was_asked_for_is_invalid(digits):
+    run = FederatedRun(CFG, digits)
+    payload = dataclasses.replace(_payload(run, 0, [0, 2]), affinity=True)
+    update = _train(run, payload, run.simulation.data(0, 0), TrainConfig())
+    assert check_update(update, payload, CFG.model.num_experts) is None
+    missing = dataclasses.replace(update, affinity=None)
+    assert "affinity was asked for" in check_update(missing, payload, CFG.model.num_experts)
+
+
 def test_select_takes_a_seeded_subset_of_the_online_clients(digits):
     server = FederatedRun(CFG, digits).server
     online = np.array([5, 0, 2, 3, 4])
@@ -530,6 +542,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(digits, tmp_path, monk
     with pytest.raises(ValueError, match=r"\['train.lr'\]"):
         run_experiment(config.replace({"train.lr": 0.3}), checkpoint=tmp_path / "killed.pt", resume=True,
                        dataset=digits)
+    # the evaluation after the last round may change: the rounds played stay as they were
+    evaluated = run_experiment(config.replace({"federation.rounds": 5, "evaluation.clients": True,
+                                               "evaluation.max_clients": 2}),
+                               checkpoint=tmp_path / "killed.pt", resume=True, dataset=digits)
+    assert evaluated["rounds"] == longer["rounds"] and evaluated["client_evaluation"]["all"]["clients"] == 2
 
 
 def test_checkpoints_are_atomic_and_load_only_plain_data(tmp_path, monkeypatch):

@@ -178,6 +178,14 @@ def test_routing_loss_trains_the_full_router_towards_the_allowed_experts():
         loss.backward()
         opt.step()
     assert layer(x)[1].route_loss.item() < 0.5 * stats.route_loss.item()
+    # in a model, only the router's weights learn from it: the backbone's representation is left alone
+    model = MoEClassifier((1, 8, 8), 10, d_model=8, d_hidden=8, num_experts=6, channels=(4,))
+    model.set_expert_mask(allowed)
+    loss = model(torch.randn(16, 1, 8, 8))[1].route_loss
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    learning = {name for (name, _), g in zip(params.items(), grads, strict=True) if g is not None and g.any()}
+    assert learning == {"moe.router.weight"}
 
 
 def test_mask_with_fewer_experts_than_k_drops_the_extra_slots():

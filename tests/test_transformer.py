@@ -239,3 +239,65 @@ def test_a_layer_without_a_bank_of_its_own_needs_one_wide_enough():
             layer(torch.randn(5, 4), bad)
     with pytest.raises(ValueError, match="bank_offset"):
         MoELayer(4, 8, 3, 2, bank_offset=-1)
+
+
+def _payload(model: MoETransformer, experts: list[int], affinity: bool = False):
+    from fedmoe.federated import ClientPayload
+    from fedmoe.federated.node import shared_vector
+
+    ids = np.array(experts, dtype=np.int64)
+    rows = model.expert_bank.detach()[torch.from_numpy(ids)].clone()
+    return ClientPayload(0, 0, ids, shared_vector(model), rows, seed=3, affinity=affinity)
+
+
+def test_a_replys_affinity_routes_its_tokens_through_the_held_experts():
+    """The gate affinity a client sends is the full router's mean distribution over its tokens in the pass
+    before training, with the tokens routed only through the experts it holds (in a multi-block model the
+    later routers see what those experts made of the tokens), not the unmasked model's."""
+    from fedmoe.data import Samples
+    from fedmoe.federated import TrainConfig, train_client
+
+    x, y, vocab = windows(12)
+    data = Samples(x[:40], y[:40])
+    model = small_model(vocab)
+    reference = small_model(vocab)
+    with torch.no_grad():
+        reference.expert_bank[[0, 3]] = float("nan")  # what the client never holds cannot matter
+        reference.expert_bank[[1, 2]] = model.expert_bank[[1, 2]]
+    reference.set_expert_mask(torch.tensor([False, True, True, False]))
+    with torch.no_grad():
+        stats = reference(data.inputs)[1]
+    want = (stats.gate_mass / stats.expert_idx.shape[0]).numpy()
+    workspace = small_model(vocab, seed=9)  # a dirty workspace: other weights everywhere
+    sent = train_client(workspace, LanguageModelTask(), _payload(model, [1, 2], affinity=True), data,
+                        TrainConfig(max_steps=1)).affinity
+    np.testing.assert_allclose(sent, want, rtol=1e-5, atol=1e-7)
+    model.set_expert_mask(None)
+    with torch.no_grad():
+        unmasked = model(data.inputs)[1]
+    assert not np.allclose(sent, (unmasked.gate_mass / unmasked.expert_idx.shape[0]).numpy(), atol=1e-4)
+
+
+def test_the_routing_loss_moves_the_router_rows_of_the_experts_a_client_does_not_hold():
+    """Masked routing gives the router rows of the experts a client does not hold no gradient; with
+    ``train.route_loss`` they learn (their probability is pushed down)."""
+    from fedmoe.data import Samples
+    from fedmoe.federated import TrainConfig, train_client
+    from fedmoe.federated.node import load_shared
+
+    x, y, vocab = windows(12)
+    data = Samples(x[:64], y[:64])
+    model = small_model(vocab)
+    payload = _payload(model, [1, 2])
+    rows = {}
+    for weight in (0.0, 1.0):
+        update = train_client(small_model(vocab), LanguageModelTask(), payload, data,
+                              TrainConfig(max_steps=3, momentum=0.0, route_loss=weight))
+        trained = small_model(vocab)
+        load_shared(trained, update.shared)
+        rows[weight] = torch.stack([block.moe.router.weight[[0, 3]] for block in trained.blocks])
+    before = torch.stack([block.moe.router.weight[[0, 3]] for block in model.blocks]).detach()
+    assert torch.equal(rows[0.0], before)
+    assert not torch.allclose(rows[1.0], before)
+    with pytest.raises(ValueError, match="route_loss"):
+        TrainConfig(route_loss=-0.1)

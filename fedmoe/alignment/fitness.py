@@ -17,7 +17,8 @@ Two forms share this interface and these semantics:
 * :class:`LeanFitness`: only pairs that differ from the prior (trained ones and the ``lean_keep`` best
   cold-start experts per client) plus the per-client prior; decay is applied lazily from the round of the
   last write, and a pair is dropped once ``|F - prior| < prune_below``. Memory O(pairs seen recently),
-  e.g. N = 100,000 x E = 4,096.
+  e.g. N = 100,000 x E = 4,096. Under ``signal = "affinity"`` every reply writes its client's whole row
+  (E pairs), so the pairs kept grow by clients per round x E until the decay prunes them.
 """
 
 from __future__ import annotations

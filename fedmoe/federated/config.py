@@ -85,8 +85,9 @@ class EvaluationConfig:
     record each round's ``aligned_accuracy``, see :meth:`fedmoe.federated.FederatedRun.aligned_accuracy`;
     one test-set pass per distinct assignment), ``test_samples`` (each round's global evaluation on at most
     this many test samples, a subset fixed by the seed; 0 = all), ``clients`` (after the last round,
-    evaluate each client on its own test split, with all experts and with its aligned experts: the
-    results' ``client_evaluation``, :func:`fedmoe.federated.evaluation.client_evaluation`),
+    evaluate each client on its own data, with all experts, with its aligned experts and after fine-tuning:
+    the results' ``client_evaluation``, :func:`fedmoe.federated.evaluation.client_evaluation`; its own data
+    is its test split with natural clients, else the test set with classes weighted by its labels),
     ``client_samples`` (that evaluation on at most this many of each natural client's test samples, a
     subset fixed by the client id; 0 = all), ``max_clients`` (it evaluates at most this many clients, a
     subset fixed by the seed; 0 = all) and ``finetune_steps`` (it also scores each client after this many
@@ -173,6 +174,23 @@ class FederatedConfig:
                 raise TypeError(f"{f.name} must be a {kind.__name__}, got {got}")
         if self.alignment.strategy == "deadline-aware" and self.federation.deadline is None:
             raise ValueError("alignment.strategy 'deadline-aware' needs a federation.deadline")
+        self._check_evaluation()
+
+    def _check_evaluation(self) -> None:
+        """ValueError naming the ``[evaluation]`` option that cannot score this model on this data, or that
+        has no effect."""
+        evaluation = self.evaluation
+        tokens = self.model.kind == "transformer"  # a unit of its loss is a token
+        if evaluation.aligned and tokens:
+            raise ValueError("evaluation.aligned scores one unit per sample (model.kind 'classifier'); use "
+                             "evaluation.clients for a model with several units per sample")
+        if evaluation.clients and tokens and self.data.partition != "natural":
+            raise ValueError("evaluation.clients weights classes by each client's labels without natural "
+                             "clients, which needs one unit per sample; use data with natural clients "
+                             "([data] partition = natural)")
+        for name in ("max_clients", "finetune_steps"):
+            if getattr(evaluation, name) and not evaluation.clients:
+                raise ValueError(f"evaluation.{name} needs evaluation.clients")
 
     # ------------------------------------------------------------------ the tree
 

@@ -23,22 +23,21 @@ import numpy as np
 import torch
 
 from fedmoe.data import Samples
-from fedmoe.federated.node import local_training, probe_samples
-from fedmoe.models import FederatedMoE, Task, expert_mask, units_per_sample
+from fedmoe.federated.node import EVAL_BATCH, local_training, probe_samples
+from fedmoe.models import FederatedMoE, Task, expert_mask
 
 if TYPE_CHECKING:
-    from fedmoe.federated.config import FederatedConfig
     from fedmoe.federated.runner import FederatedRun
 
-__all__ = ["aligned_accuracy", "check_evaluation", "client_evaluation", "evaluate"]
+__all__ = ["aligned_accuracy", "class_accuracy", "client_evaluation", "evaluate", "label_share",
+           "weighted_accuracy"]
 
-_BATCH = 1024
 _EVALUATED = 13  # random stream of the clients evaluation.max_clients keeps
 _FINETUNE = 14  # random stream of the fine-tuning's shuffling
 
 
 @torch.no_grad()
-def evaluate(model: FederatedMoE, task: Task, data: Samples, batch_size: int = _BATCH,
+def evaluate(model: FederatedMoE, task: Task, data: Samples, batch_size: int = EVAL_BATCH,
              mask: torch.Tensor | None = None) -> dict[str, float]:
     """``{"loss", "accuracy"}`` of ``model`` on ``data``, per unit of the task's loss, with the experts where
     ``mask`` (bool [E]) is True (all if None). A task with ``metrics`` (sums of ``<name>_correct`` and
@@ -67,18 +66,21 @@ def evaluate(model: FederatedMoE, task: Task, data: Samples, batch_size: int = _
 @torch.no_grad()
 def class_accuracy(model: FederatedMoE, task: Task, test: Samples, classes: int,
                    mask: torch.Tensor | None = None) -> np.ndarray:
-    """float64 [classes]: ``model``'s accuracy on the samples of each class of ``test`` (0 where a class has
-    none), with the experts where ``mask`` is True. For models with one unit per sample."""
+    """float64 [classes]: ``model``'s accuracy on the samples of each class of ``test`` (NaN where a class
+    has none), with the experts where ``mask`` is True. For models with one unit per sample."""
+    if len(test) == 0:
+        raise ValueError("test must hold >= 1 sample")
     model.set_expert_mask(mask)
     model.eval()
     try:
-        batches = (test[lo:lo + _BATCH] for lo in range(0, len(test), _BATCH))
+        batches = (test[lo:lo + EVAL_BATCH] for lo in range(0, len(test), EVAL_BATCH))
         correct = torch.cat([task.correct(model(inputs)[0], targets) for inputs, targets in batches])
     finally:
         model.set_expert_mask(None)
     y = test.targets.numpy()
+    counts = np.bincount(y, minlength=classes)
     hits = np.bincount(y, weights=correct.numpy().astype(np.float64), minlength=classes)
-    return hits / np.maximum(np.bincount(y, minlength=classes), 1)
+    return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
 
 
 def label_share(labels: torch.Tensor, classes: int) -> np.ndarray:
@@ -86,16 +88,13 @@ def label_share(labels: torch.Tensor, classes: int) -> np.ndarray:
     return np.bincount(labels.numpy(), minlength=classes) / max(labels.numel(), 1)
 
 
-def check_evaluation(config: FederatedConfig, model: FederatedMoE) -> None:
-    """ValueError naming the ``[evaluation]`` option that cannot score ``model`` with ``config``'s data."""
-    several = units_per_sample(model) != 1
-    if config.evaluation.aligned and several:
-        raise ValueError("evaluation.aligned scores one unit per sample (classifiers); use "
-                         "evaluation.clients for a model with several units per sample")
-    if config.evaluation.clients and several and config.data.partition != "natural":
-        raise ValueError("evaluation.clients weights classes by each client's labels without natural "
-                         "clients, which needs one unit per sample; use data with natural clients ([data] "
-                         "partition = natural)")
+def weighted_accuracy(share: np.ndarray, per_class: np.ndarray) -> float | None:
+    """The accuracy of a client whose classes come in ``share`` (float [C]), from ``per_class`` accuracies
+    (float [C], NaN where the test set has none: the share is renormalised over the others); None where
+    none of its classes can be scored."""
+    scored = ~np.isnan(per_class)
+    weight = share * scored
+    return float(weight @ np.where(scored, per_class, 0.0) / weight.sum()) if weight.sum() > 0 else None
 
 
 def aligned_accuracy(run: FederatedRun, round_: int, assigned: dict) -> float | None:
@@ -112,7 +111,8 @@ def aligned_accuracy(run: FederatedRun, round_: int, assigned: dict) -> float | 
             mask = expert_mask(model.num_experts, key)
             per_class[key] = class_accuracy(model, run.task, run.test, classes, mask)
         share = label_share(run.simulation.data(int(client), round_).targets, classes)
-        scores.append(float(share @ per_class[key]))
+        if (score := weighted_accuracy(share, per_class[key])) is not None:
+            scores.append(score)
     return float(np.mean(scores)) if scores else None
 
 
@@ -126,7 +126,7 @@ def client_evaluation(run: FederatedRun) -> dict:
     and ``scores`` (client -> score). Clients never assigned are left out of the aligned views; with
     natural clients, those without test samples are left out of all."""
     config, server = run.config, run.server
-    steps, natural = config.evaluation.finetune_steps, config.data.partition == "natural"
+    steps = config.evaluation.finetune_steps
     last_round = max(server.round - 1, 0)
     last = {}
     for record in run.history:
@@ -137,57 +137,61 @@ def client_evaluation(run: FederatedRun) -> dict:
         clients = np.sort(rng.choice(clients, config.evaluation.max_clients, replace=False))
     views = ["all", "aligned"] + (["finetuned"] if steps else [])
     scores = {view: {} for view in views}
+    own = _OwnData(run, last_round)
     workspace = copy.deepcopy(server.model) if steps else None
-    global_classes = {}  # experts -> per-class accuracy of the global model (no natural clients)
     for client in clients.tolist():
-        score = _scorer(run, client, last_round, natural, global_classes)
+        score = own.score(client, server.model, None, cached=True)
         if score is None:
             continue
-        scores["all"][client] = score(server.model, None)
+        scores["all"][client] = score
         if client not in last:
             continue
         experts = tuple(int(e) for e in last[client])
-        scores["aligned"][client] = score(server.model, experts)
+        scores["aligned"][client] = own.score(client, server.model, experts, cached=True)
         if steps:
             workspace.load_state_dict(server.model.state_dict())
             _finetune(run, workspace, client, last_round, experts, steps)
-            scores["finetuned"][client] = score(workspace, experts)
+            scores["finetuned"][client] = own.score(client, workspace, experts, cached=False)
     return {view: {**_percentiles(list(values.values())), "scores": values}
             for view, values in scores.items()}
 
 
-def _scorer(run: FederatedRun, client: int, round_: int, natural: bool, global_classes: dict):
-    """``score(model, experts)`` on ``client``'s own data (None where it has none to score on)."""
-    task, cap = run.task, run.config.evaluation.client_samples
-    if natural:
-        gen = torch.Generator().manual_seed(client)
-        test = probe_samples(run.dataset.client_test_samples(client), cap, gen)
-        if len(test) == 0:
-            return None
+class _OwnData:
+    """Scores a model on a client's own data: its test split (at most ``evaluation.client_samples`` of it)
+    with natural clients, else the whole test set with classes weighted by its labels at ``round_``."""
 
-        def score(model, experts):
-            mask = None if experts is None else expert_mask(model.num_experts, experts)
-            result = evaluate(model, task, test, mask=mask)
+    def __init__(self, run: FederatedRun, round_: int):
+        self.run, self.round = run, round_
+        self.natural = run.config.data.partition == "natural"
+        self.test = None if self.natural else run.dataset.test_samples()
+        self.per_class = {}  # experts -> per-class accuracy of the global model
+
+    def score(self, client: int, model: FederatedMoE, experts: tuple[int, ...] | None,
+              cached: bool) -> float | None:
+        """``model``'s score with ``experts`` (all if None); None where the client has nothing to score on.
+        ``cached``: ``model`` is the global model, whose per-class accuracies are kept."""
+        run, mask = self.run, None if experts is None else expert_mask(model.num_experts, experts)
+        if self.natural:
+            cap, gen = run.config.evaluation.client_samples, torch.Generator().manual_seed(client)
+            test = probe_samples(run.dataset.client_test_samples(client), cap, gen)
+            if len(test) == 0:
+                return None
+            result = evaluate(model, run.task, test, mask=mask)
             return result.get("last_accuracy", result["accuracy"])
-
-        return score
-    classes = run.dataset.num_classes
-    share = label_share(run.simulation.data(client, round_).targets, classes)
-
-    def score(model, experts):
-        mask = None if experts is None else expert_mask(model.num_experts, experts)
-        if model is not run.server.model:
-            return float(share @ class_accuracy(model, task, run.test, classes, mask))
-        if experts not in global_classes:
-            global_classes[experts] = class_accuracy(model, task, run.test, classes, mask)
-        return float(share @ global_classes[experts])
-
-    return score
+        classes = run.dataset.num_classes
+        share = label_share(run.simulation.data(client, self.round).targets, classes)
+        if not cached:
+            return weighted_accuracy(share, class_accuracy(model, run.task, self.test, classes, mask))
+        if experts not in self.per_class:
+            self.per_class[experts] = class_accuracy(model, run.task, self.test, classes, mask)
+        return weighted_accuracy(share, self.per_class[experts])
 
 
 def _finetune(run: FederatedRun, model: FederatedMoE, client: int, round_: int, experts: tuple, steps: int):
     """``steps`` local mini-batches of ``client``'s training data on ``model``, routed to ``experts``."""
     data, config = run.simulation.data(client, round_), run.config.train
+    if len(data) == 0:
+        raise ValueError(f"client {client} has no training samples to fine-tune on")
     epochs = math.ceil(steps / math.ceil(len(data) / config.batch_size))
     config = dataclasses.replace(config, epochs=epochs, max_steps=steps)
     model.set_expert_mask(expert_mask(model.num_experts, experts))

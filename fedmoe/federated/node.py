@@ -25,10 +25,11 @@ from fedmoe.alignment import ClientProfile, ModelCost, ProfileConfig, _checks
 from fedmoe.data import Samples
 from fedmoe.models import FederatedMoE, Task, expert_mask
 
-__all__ = ["ClientPayload", "ClientUpdate", "ExpertFeedback", "Node", "NodeProfile", "TrainConfig",
-           "gate_affinity", "load_shared", "local_training", "profiles_of", "shared_vector", "train_client"]
+__all__ = ["EVAL_BATCH", "OPTIMIZERS", "ClientPayload", "ClientUpdate", "ExpertFeedback", "Node",
+           "NodeProfile", "TrainConfig", "gate_affinity", "load_shared", "local_training", "profiles_of",
+           "shared_vector", "train_client"]
 
-_EVAL_BATCH = 1024
+EVAL_BATCH = 1024  # samples per forward pass of every evaluation
 OPTIMIZERS = ("sgd", "adam")
 _REPORTED = ("compute", "memory", "bandwidth", "latency", "reliability", "samples")
 
@@ -199,8 +200,8 @@ def gate_affinity(model: FederatedMoE, shared: torch.Tensor, data: Samples) -> n
     model.set_expert_mask(None)
     total = torch.zeros(model.num_experts, dtype=torch.float64)
     units = 0
-    for lo in range(0, len(data), _EVAL_BATCH):
-        _, stats = model(data[lo:lo + _EVAL_BATCH][0])
+    for lo in range(0, len(data), EVAL_BATCH):
+        _, stats = model(data[lo:lo + EVAL_BATCH][0])
         total += stats.gate_mass
         units += stats.expert_idx.shape[0]
     return (total / max(units, 1)).numpy().astype(np.float32)
@@ -281,8 +282,8 @@ def _feedback(model: FederatedMoE, task: Task, data: Samples,
     model.eval()
     losses, correct, chosen = [], [], []
     mass = torch.zeros(model.num_experts, dtype=torch.float64)
-    for lo in range(0, len(data), _EVAL_BATCH):
-        inputs, targets = data[lo:lo + _EVAL_BATCH]
+    for lo in range(0, len(data), EVAL_BATCH):
+        inputs, targets = data[lo:lo + EVAL_BATCH]
         outputs, stats = model(inputs)
         losses.append(task.loss(outputs, targets, reduction="none"))
         correct.append(task.correct(outputs, targets))

@@ -25,7 +25,7 @@ from fedmoe.alignment import ModelCost
 from fedmoe.data import Dataset, Samples, load_dataset, partition
 from fedmoe.federated.checkpoint import load_checkpoint, save_checkpoint
 from fedmoe.federated.config import FederatedConfig
-from fedmoe.federated.evaluation import aligned_accuracy, check_evaluation, client_evaluation
+from fedmoe.federated.evaluation import aligned_accuracy, client_evaluation
 from fedmoe.federated.node import (
     ClientPayload,
     ClientUpdate,
@@ -43,6 +43,9 @@ __all__ = ["CHECKPOINT_VERSION", "FederatedRun", "build_nodes", "initial_model",
 
 _TEST_SUBSET = 12  # random stream of the evaluation's test subset
 CHECKPOINT_VERSION = 4  # 4: checksummed files, the [aggregation] section
+# options a resumed run may change: they leave the rounds already played as they were
+_RESUMABLE_CHANGES = {"federation.rounds", "evaluation.clients", "evaluation.client_samples",
+                      "evaluation.max_clients", "evaluation.finetune_steps"}
 
 
 def rounds_to_target(accuracies, target: float) -> int | None:
@@ -134,7 +137,6 @@ class FederatedRun:
         seed = config.federation.seed
         self.dataset = load_data(config) if dataset is None else dataset
         self.parts, model, self.task, self.cost, truth, nodes = build_nodes(config, self.dataset, cost)
-        check_evaluation(config, model)
         # the server plans with the reported profiles, refined by observation; the simulation keeps the truth
         reported = profiles_of([node.profile for node in nodes], self.cost, config.profiles)
         self.server = Server(model, self.task, reported, config)
@@ -188,7 +190,8 @@ class FederatedRun:
                 "server": self.server.state_dict(), "history": copy.deepcopy(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a checkpoint of a run with the same config (``federation.rounds`` may differ)."""
+        """Restore a checkpoint of a run with the same config (``federation.rounds`` and the options of the
+        evaluation after the last round may differ)."""
         if state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"checkpoint version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
         try:
@@ -196,7 +199,7 @@ class FederatedRun:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint holds an unusable config: {exc}") from None
         mine = self.config.flat()
-        differ = sorted(k for k in mine if k != "federation.rounds" and saved[k] != mine[k])
+        differ = sorted(k for k in mine if k not in _RESUMABLE_CHANGES and saved[k] != mine[k])
         if differ:
             raise ValueError(f"checkpoint was written with a different config: options {differ} differ")
         self.server.load_state_dict(state["server"])

@@ -40,7 +40,14 @@ from fedmoe.federated.bounds import Bounds, delta_norms
 from fedmoe.federated.checkpoint import check_finite, to_numpy
 from fedmoe.federated.config import FederatedConfig
 from fedmoe.federated.evaluation import evaluate
-from fedmoe.federated.node import ClientPayload, ClientUpdate, ExpertFeedback, load_shared, shared_vector
+from fedmoe.federated.node import (
+    EVAL_BATCH,
+    ClientPayload,
+    ClientUpdate,
+    ExpertFeedback,
+    load_shared,
+    shared_vector,
+)
 from fedmoe.federated.simulation import ClientReply
 from fedmoe.models import FederatedMoE, Task, units_per_sample
 from fedmoe_kernels import aggregate
@@ -113,9 +120,10 @@ class Faults:
 
 def check_update(update: ClientUpdate, payload: ClientPayload, num_experts: int | None = None,
                  units_per_sample: int = 1) -> str | None:
-    """Why ``update`` cannot be aggregated for ``payload`` (None if it can). An ``affinity`` it carries
-    must be finite, >= 0 and of shape (``num_experts``,) (any length if None); the units routed to an
-    expert can be at most ``num_samples * units_per_sample`` (the model's, e.g. tokens per window)."""
+    """Why ``update`` cannot be aggregated for ``payload`` (None if it can). An ``affinity`` must come
+    where the payload asked for one, finite, >= 0 and of shape (``num_experts``,) (any length if None);
+    the units routed to an expert can be at most ``num_samples * units_per_sample`` (the model's, e.g.
+    tokens per window)."""
     k, p = payload.expert_rows.shape
     if not isinstance(update, ClientUpdate):
         return f"not a ClientUpdate: {type(update).__name__}"
@@ -146,6 +154,8 @@ def check_update(update: ClientUpdate, payload: ClientPayload, num_experts: int 
         if np.any(arrays["share"] > 1) or np.any(arrays["accuracy"] > 1) or np.any(
                 arrays["samples"] > update.num_samples * units_per_sample):
             return f"{field} share/accuracy must be <= 1 and samples <= num_samples * units_per_sample"
+    if payload.affinity and update.affinity is None:
+        return "affinity was asked for and is missing"
     if update.affinity is not None:
         affinity = np.asarray(update.affinity)
         if (affinity.ndim != 1 or (num_experts is not None and affinity.shape != (num_experts,))
@@ -322,11 +332,14 @@ class Server:
 
     def update_alignment(self, plan: RoundPlan, accepted: list[ClientUpdate],
                          seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Feed the accepted updates to the drift detector (on the feedback before training), the fitness
-        table (on the ``fitness.signal`` feedback) and the expert load, and every payload's reply time
+        """Feed the accepted updates to the drift detector (on what the fitness follows, measured with the
+        received weights: the feedback before training, or the assigned experts' affinity), the fitness
+        table (on the ``fitness.signal`` values) and the expert load, and every payload's reply time
         ``seconds`` to the profiles. Returns the drift detector's ``(reset clients, fitness error)``."""
         clients, experts, samples = self._pairs(accepted)
-        before = np.concatenate([u.feedback_before.fitness() for u in accepted] or [np.zeros(0)])
+        affinity = self.config.fitness.signal == "affinity"
+        before = np.concatenate([np.asarray(u.affinity, np.float64)[u.experts] if affinity
+                                 else u.feedback_before.fitness() for u in accepted] or [np.zeros(0)])
         fresh = self._rescored(accepted)
         reset, error = self.drift.step(self.fitness, clients, experts, before, rescore=fresh)
         self.fitness.update(*self._fitness_values(accepted, clients, experts, before))
@@ -346,17 +359,17 @@ class Server:
     def _fitness_values(self, accepted: list[ClientUpdate], clients: np.ndarray, experts: np.ndarray,
                         before: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The (clients, experts, values) the fitness EMA follows under ``fitness.signal``: the assigned
-        pairs' feedback before or after training, or every expert of each client that sent its affinity."""
+        pairs' feedback before or after training, or every expert of each client (its affinity; a reply
+        asked for one carries it, :func:`check_update`)."""
         signal = self.config.fitness.signal
         if signal == "before":
             return clients, experts, before
         if signal == "after":
             return clients, experts, np.concatenate([u.feedback.fitness() for u in accepted] or [np.zeros(0)])
-        rows = [u for u in accepted if u.affinity is not None]
         e = self.num_experts
-        return (np.repeat(np.array([u.client for u in rows], dtype=np.int64), e),
-                np.tile(np.arange(e, dtype=np.int64), len(rows)),
-                np.concatenate([np.asarray(u.affinity, np.float64) for u in rows] or [np.zeros(0)]))
+        return (np.repeat(np.array([u.client for u in accepted], dtype=np.int64), e),
+                np.tile(np.arange(e, dtype=np.int64), len(accepted)),
+                np.concatenate([np.asarray(u.affinity, np.float64) for u in accepted] or [np.zeros(0)]))
 
     def _rescored(self, accepted: list[ClientUpdate]) -> dict[int, np.ndarray] | None:
         """Client -> the gate affinity it sent, under ``drift.rescore`` (None otherwise)."""
@@ -387,7 +400,7 @@ class Server:
 
     # ------------------------------------------------------------------ evaluate
 
-    def evaluate(self, data: Samples, batch_size: int = 1024,
+    def evaluate(self, data: Samples, batch_size: int = EVAL_BATCH,
                  mask: torch.Tensor | None = None) -> dict[str, float]:
         """:func:`fedmoe.federated.evaluation.evaluate` of the global model (``loss``, ``accuracy`` and the
         task's metrics, e.g. the language model's ``last_accuracy``)."""

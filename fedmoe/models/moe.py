@@ -40,8 +40,9 @@ class MoEStats:
       ignored) summed over the T tokens (no gradient): ``gate_mass / T`` is the mean router distribution.
     - ``route_loss``: float32 scalar, the routing loss under a mask: the mean over the tokens of
       ``logsumexp(all logits) - logsumexp(allowed logits)``, minus the log of the full router's probability
-      mass on the allowed experts (0 without a mask). It trains the full router to send the tokens where
-      they were trained (docs/design.md, Routing loss).
+      mass on the allowed experts (0 without a mask). Its gradient reaches the router's weights only (the
+      tokens are detached): it trains the full router to send the tokens where they were trained
+      (docs/design.md, Routing loss).
     """
 
     aux_loss: torch.Tensor
@@ -224,7 +225,10 @@ class MoELayer(nn.Module):
         logits, route_loss = full, full.new_zeros(())
         if allowed is not None:
             logits = full.masked_fill(~allowed, float("-inf"))
-            route_loss = (full.logsumexp(-1) - logits.logsumexp(-1)).mean() if t else route_loss
+            if t:  # the router's weights alone learn from it, not the representation of the tokens
+                router = F.linear(x.detach(), self.router.weight).float()
+                held = router.masked_fill(~allowed, float("-inf"))
+                route_loss = (router.logsumexp(-1) - held.logsumexp(-1)).mean()
         probs = logits.softmax(-1)
         top_p, top_i = probs.topk(k, dim=-1)
         if allowed is not None:  # with fewer than k allowed experts the extra choices are masked ones

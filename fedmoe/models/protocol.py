@@ -29,9 +29,11 @@ class FederatedMoE(Protocol):
     - ``set_expert_mask(mask)``: route only to the experts where ``mask`` (bool [E]) is True; None allows
       all.
     - ``model(inputs) -> (outputs, stats)``: ``stats`` is a :class:`~fedmoe.models.MoEStats` whose
-      ``expert_idx`` has one row per unit of the task's loss (a sample, or a token) and whose
-      ``gate_mass`` sums the router's probabilities over those units. ``outputs`` is whatever the task
-      scores (the classifier's logits; the language model's :class:`~fedmoe.models.LMOutputs`).
+      ``expert_idx`` has one row per unit of the task's loss (a sample, or a token), whose ``gate_mass``
+      sums the full router's probabilities (every expert, the mask ignored) over those units, and whose
+      ``aux_loss`` and ``route_loss`` are the load-balancing and routing losses local training adds.
+      ``outputs`` is whatever the task scores (the classifier's logits; the language model's
+      :class:`~fedmoe.models.LMOutputs`).
     - ``units_per_sample`` (optional, 1 if absent): the most units of the loss one sample holds (the
       language model: the window length); the server bounds the units a client reports with it.
     """
