@@ -684,9 +684,8 @@ def _robust_aggregate(
     if backend == "torch":
         ok, clip = _torch_verdicts(rows, experts, base, acc, max_norm)
     else:
-        stats, sq, big = _triton_stats(rows, experts, base, acc, max_norm)
+        stats, clip, big = _triton_stats(rows, experts, base, acc, max_norm)
         ok = stats.bool()
-        clip = None if sq is None else max_norm / sq.sum(dim=1).sqrt().clamp(min=max_norm)
     use = ok & (w > 0)
     perm, offsets, counts = _used_rows(experts, use, num_experts)
     window = _window(counts, method, trim)
@@ -718,14 +717,14 @@ def _robust_aggregate(
 
 
 def _triton_stats(rows, experts, base, acc_dtype, max_norm):
-    """``row_stats``: ``ok`` (int8 [M]), the partial squared norms (None without clipping), each row's
-    largest ``|value|`` (float64 [M])."""
+    """``row_stats``: ``ok`` (int8 [M]), the clipping factors (float64 [M]; None without clipping), each
+    row's largest ``|value|`` (float64 [M])."""
     from fedmoe_kernels._details.aggregate_triton import row_stats
 
     if rows.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.float64, device=rows.device)
         return torch.ones(0, dtype=torch.int8, device=rows.device), None, empty
-    return row_stats(rows, experts, base, acc_dtype, max_norm is not None)
+    return row_stats(rows, experts, base, acc_dtype, max_norm)
 
 
 def _expert_max(big: torch.Tensor, experts: torch.Tensor, use: torch.Tensor, num_experts: int):
@@ -860,14 +859,14 @@ def aggregate(
     else:
         from fedmoe_kernels._details.aggregate_triton import aggregate_rows
 
-        stats, sq, big = _triton_stats(rows, experts, base, acc_dtype, max_norm)
+        stats, clip, big = _triton_stats(rows, experts, base, acc_dtype, max_norm)
         ok = stats.bool()
         k, wscaled = _scale_batch(experts, w, ok, num_experts)
         perm, offsets = _group(experts, num_experts)
         params = _params(lr, max_norm, base.device)
 
         def launch(ids: torch.Tensor, target: torch.Tensor, slots: torch.Tensor) -> None:
-            aggregate_rows(rows, perm, offsets, stats, wscaled, sq, base, params, wsum, acc_dtype=acc_dtype,
+            aggregate_rows(rows, perm, offsets, stats, wscaled, clip, base, params, wsum, acc_dtype=acc_dtype,
                            ids=ids, out=target, slots=slots)
 
         use = ok & (w > 0)
@@ -929,7 +928,7 @@ class Accumulator:
         if self._backend == "torch":
             ok, clip = _torch_verdicts(rows, experts, self._base, sums.dtype, self._max_norm)
         else:
-            stats, sq, big = _triton_stats(rows, experts, self._base, sums.dtype, self._max_norm)
+            stats, clip, big = _triton_stats(rows, experts, self._base, sums.dtype, self._max_norm)
             ok = stats.bool()
             use = ok & (w > 0)
             self._xmax = torch.maximum(self._xmax, _expert_max(big, experts, use, self.num_experts))
@@ -949,7 +948,7 @@ class Accumulator:
 
             perm, offsets = _group(experts, self.num_experts)
             aggregate_rows(
-                rows, perm, offsets, stats, wscaled, sq, self._base,
+                rows, perm, offsets, stats, wscaled, clip, self._base,
                 _params(1.0, self._max_norm, rows.device), self._wsum, acc_dtype=sums.dtype,
                 ids=torch.arange(self.num_experts, device=rows.device), sums=sums, rescale=rescale,
             )

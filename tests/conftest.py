@@ -1,4 +1,5 @@
-"""Test session setup: without a GPU, Triton kernels run under the interpreter on CPU tensors; Flower
+"""Test session setup: without a GPU, Triton kernels run under the interpreter on CPU tensors (with one,
+the tests' CPU tensors go to the GPU at the kernel launchers: ``triton_on_cuda``); Flower
 runs offline (no telemetry, no runtime dependency installation, no update check). Shared fixtures:
 ``one_thread`` (small models: intra-op threads only add contention on a shared 2-core machine),
 ``digits`` (a third of digits: enough for the federated loop, quick to train) and ``small_npz`` (400
@@ -20,15 +21,44 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 os.environ.update(FLWR_TELEMETRY_ENABLED="0", RAY_USAGE_STATS_ENABLED="0",
                   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1")
 
-if "TRITON_INTERPRET" not in os.environ:
-    try:
-        import torch
+try:
+    import torch
 
-        _has_cuda = torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        _has_cuda = False
-    if not _has_cuda:
-        os.environ["TRITON_INTERPRET"] = "1"
+    _has_cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _has_cuda = False
+if "TRITON_INTERPRET" not in os.environ and not _has_cuda:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _on_cuda(launcher):
+    """``launcher`` run on the GPU: its tensor arguments go there, its results back to the device of the
+    first (a no-op for CUDA tensors)."""
+
+    def run(*args):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        out = launcher(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+        return tuple(o.to(device) for o in out) if isinstance(out, tuple) else out.to(device)
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cuda(monkeypatch):
+    """On a GPU (and not under the interpreter), the tests of route, dispatch and combine keep their CPU
+    tensors (their loop references need them) and run the compiled Triton kernels: the launchers of
+    ``fedmoe_kernels._details`` move their inputs to the GPU and their results back."""
+    if not _has_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        yield
+        return
+    from fedmoe_kernels import _backend
+    from fedmoe_kernels._details import route_triton, rows_triton
+
+    monkeypatch.setattr(_backend, "interpreting", lambda: True)  # backend="triton" takes CPU tensors
+    for module, name in ((route_triton, "route"), (rows_triton, "gather"), (rows_triton, "combine"),
+                         (rows_triton, "slot_dot")):
+        monkeypatch.setattr(module, name, _on_cuda(getattr(module, name)))
+    yield
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ Two launches per batch of rows (a third for experts whose values may overflow):
 
 1. ``_row_stats_kernel``, grid ``(M, splits)``: for each row and span of columns, the number of values that
    are not finite in the accumulation dtype, their largest ``|value|`` and, when clipping, the partial
-   ``sum((row - base[e])**2)`` (float64). A row's verdict and norm must be known before any of its columns
-   is summed, so this pass reads every row once on its own.
+   ``sum((row - base[e])**2)`` (float64; :func:`row_stats` turns each row's sum into its clipping factor).
+   A row's verdict and norm must be known before any of its columns is summed, so this pass reads every
+   row once on its own.
 2. One launch over (column block, expert) for the experts ``ids``, expert ``ids[j]`` written to row
    ``slots[j]`` of ``out``: the bank, or (a second launch) a scratch for the experts whose values may
    overflow, checked before they are copied into the bank (see :mod:`fedmoe_kernels.aggregate`).
@@ -22,6 +23,9 @@ Two launches per batch of rows (a third for experts whose values may overflow):
      in registers) and writes ``base + lr * sum(v_r * (1 / k))`` over the ``k`` ranks ``r`` of the
      expert's window (a NaN delta makes the column NaN). ``MAX_M`` is a power of two, at most
      ``ROBUST_MAX_M``.
+
+Rows may have any strides; ``DIV`` (a power of two dividing P and the row strides) tells the kernels how far
+rows are aligned (:mod:`~fedmoe_kernels._details.align_triton`).
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fedmoe_kernels._details.align_triton import aligned, divisor
+
 BLOCK_P = 1024  # columns per program of the aggregation kernel
 STATS_BLOCK = 1024  # columns per step of the row-statistics kernel
 STATS_STEPS = 16  # steps per row-statistics program
 ROBUST_MAX_M = 256  # most rows per expert the robust kernel sorts in registers (more: the torch path)
-ROBUST_TILE = 4096  # values per program of the robust kernel (rows x columns)
+ROBUST_TILE = 4096  # values per program of the robust kernel (rows x columns); half as many in float64
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -43,8 +49,9 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 def _row_stats_kernel(
     rows_ptr, stride_rm, stride_rp, experts_ptr, base_ptr, stride_be, stride_bp, bad_ptr, big_ptr, sq_ptr,
     P, SPLIT, NSPLIT,
-    ACC: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr, DIV: tl.constexpr,
 ):
+    P, stride_rm, stride_be = aligned(P, DIV), aligned(stride_rm, DIV), aligned(stride_be, DIV)
     m = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     bad = tl.zeros([BLOCK], tl.int32)
@@ -80,12 +87,14 @@ def _round_to(x, dtype: tl.constexpr):
 
 @triton.jit
 def _aggregate_kernel(
-    rows_ptr, stride_rm, stride_rp, perm_ptr, offsets_ptr, ok_ptr, wscaled_ptr, sq_ptr, NSPLIT,
+    rows_ptr, stride_rm, stride_rp, perm_ptr, offsets_ptr, ok_ptr, wscaled_ptr, clip_ptr,
     base_ptr, stride_be, stride_bp, ids_ptr, slots_ptr, out_ptr, stride_oe, stride_op, sums_ptr, wsum_ptr,
     rescale_ptr, params_ptr, P,
-    ACC: tl.constexpr, CLIP: tl.constexpr, LOAD: tl.constexpr, FINISH: tl.constexpr,
-    NSPLIT_P2: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, CLIP: tl.constexpr, LOAD: tl.constexpr, FINISH: tl.constexpr, BLOCK_P: tl.constexpr,
+    DIV: tl.constexpr,
 ):
+    P, stride_rm, stride_be, stride_oe = (aligned(P, DIV), aligned(stride_rm, DIV), aligned(stride_be, DIV),
+                                          aligned(stride_oe, DIV))
     pb = tl.program_id(0)
     j = tl.program_id(1)
     e = tl.load(ids_ptr + j)
@@ -102,17 +111,13 @@ def _aggregate_kernel(
         else:
             acc = tl.zeros([BLOCK_P], ACC)
             w_sum = tl.zeros([], tl.float64)
-        if CLIP:
-            max_norm = tl.load(params_ptr + 1)
-            parts = tl.arange(0, NSPLIT_P2)
         for i in range(lo, hi):
             m = tl.load(perm_ptr + i)
             ok = tl.load(ok_ptr + m) != 0
             w = tl.load(wscaled_ptr + m)
             c = w
             if CLIP:
-                sq = tl.sum(tl.load(sq_ptr + m * NSPLIT + parts, mask=parts < NSPLIT, other=0.0))
-                c = w * (max_norm / tl.maximum(tl.sqrt(sq), max_norm))
+                c = w * tl.load(clip_ptr + m)
             c = tl.where(ok, c, 0.0).to(ACC)
             x = tl.load(rows_ptr + m * stride_rm + cols * stride_rp, mask=mask, other=0.0).to(ACC)
             acc += c * tl.where(c != 0, x - b, 0.0)  # c == 0 adds nothing, even if x - b is not finite
@@ -137,8 +142,10 @@ def _aggregate_kernel(
 def _robust_kernel(
     rows_ptr, stride_rm, stride_rp, perm_ptr, offsets_ptr, clip_ptr, window_ptr, base_ptr, stride_be,
     stride_bp, ids_ptr, slots_ptr, out_ptr, stride_oe, stride_op, params_ptr, P,
-    ACC: tl.constexpr, CLIP: tl.constexpr, MAX_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, CLIP: tl.constexpr, MAX_M: tl.constexpr, BLOCK_P: tl.constexpr, DIV: tl.constexpr,
 ):
+    P, stride_rm, stride_be, stride_oe = (aligned(P, DIV), aligned(stride_rm, DIV), aligned(stride_be, DIV),
+                                          aligned(stride_oe, DIV))
     pb = tl.program_id(0)
     j = tl.program_id(1)
     e = tl.load(ids_ptr + j)
@@ -167,14 +174,15 @@ def _robust_kernel(
 
 
 def row_stats(
-    rows: torch.Tensor, experts: torch.Tensor, base: torch.Tensor, acc_dtype: torch.dtype, clip: bool
+    rows: torch.Tensor, experts: torch.Tensor, base: torch.Tensor, acc_dtype: torch.dtype,
+    max_norm: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-row verdicts, squared delta norms and largest values of ``rows`` ([M, P], M >= 1).
+    """Per-row verdicts, clipping factors and largest values of ``rows`` ([M, P], M >= 1).
 
-    Returns ``ok`` (int8 [M], 1 where every value is finite in ``acc_dtype``); when ``clip``, the partial
-    squared norms of ``rows - base[experts]`` (float64 [M, splits]; summed in the aggregation kernel, so
-    that a row's norm does not depend on the other rows of its batch), else None; and the largest
-    ``|value|`` of each row in ``acc_dtype`` (float64 [M]; meaningless where not ``ok``).
+    Returns ``ok`` (int8 [M], 1 where every value is finite in ``acc_dtype``); with a ``max_norm``, the
+    clipping factors ``min(1, max_norm / ||rows - base[experts]||_2)`` (float64 [M]; each row's norm from
+    its own partial sums, whatever the other rows of its batch), else None; and the largest ``|value|`` of
+    each row in ``acc_dtype`` (float64 [M]; meaningless where not ``ok``).
     """
     m, p = rows.shape
     block = min(STATS_BLOCK, triton.next_power_of_2(p))
@@ -182,17 +190,20 @@ def row_stats(
     nsplit = triton.cdiv(p, split)
     bad = torch.empty((m, nsplit), dtype=torch.int32, device=rows.device)
     big = torch.empty((m, nsplit), dtype=torch.float64, device=rows.device)
+    clip = max_norm is not None
     sq = torch.empty((m, nsplit), dtype=torch.float64, device=rows.device) if clip else None
     _row_stats_kernel[(m, nsplit)](
         rows, rows.stride(0), rows.stride(1), experts, base, base.stride(0), base.stride(1), bad, big, sq,
         p, split, nsplit, ACC=_TL_DTYPE[acc_dtype], CLIP=clip, BLOCK=block,
+        DIV=divisor(p, rows.stride(0), base.stride(0)),
     )
-    return (bad.sum(dim=1) == 0).to(torch.int8), sq, big.amax(dim=1)
+    factors = max_norm / sq.sum(dim=1).sqrt().clamp(min=max_norm) if clip else None
+    return (bad.sum(dim=1) == 0).to(torch.int8), factors, big.amax(dim=1)
 
 
 def aggregate_rows(
     rows: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, ok: torch.Tensor, wscaled: torch.Tensor,
-    sq: torch.Tensor | None, base: torch.Tensor, params: torch.Tensor, wsum: torch.Tensor, *,
+    clip: torch.Tensor | None, base: torch.Tensor, params: torch.Tensor, wsum: torch.Tensor, *,
     acc_dtype: torch.dtype, ids: torch.Tensor, out: torch.Tensor | None = None,
     slots: torch.Tensor | None = None, sums: torch.Tensor | None = None, rescale: torch.Tensor | None = None,
 ) -> None:
@@ -200,8 +211,8 @@ def aggregate_rows(
 
     ``rows`` [M, P]; ``perm`` (int64 [M]) groups the rows by expert stably, expert ``e`` owning
     ``perm[offsets[e]:offsets[e+1]]``; ``ok`` (int8 [M]) marks the accepted rows; ``wscaled`` (float64
-    [M]) holds the weights scaled per expert; ``sq`` the partial squared norms from :func:`row_stats`
-    (None: no clipping); ``params`` (float64 [2]) is ``(lr, max_norm)``; ``wsum`` (float64 [E]) receives
+    [M]) holds the weights scaled per expert; ``clip`` the clipping factors from :func:`row_stats` (None:
+    no clipping); ``params`` (float64 [2]) is ``(lr, max_norm)``; ``wsum`` (float64 [E]) receives
     the scaled weight sums; ``ids`` (int64 [n]) the experts to process. Modes:
 
     - ``out`` given, ``sums`` None: batch; writes the new value of expert ``ids[j]`` into row ``slots[j]``
@@ -211,17 +222,16 @@ def aggregate_rows(
       is written as above (streaming ``result``), without it the sums are stored back (streaming ``add``).
     """
     p = base.shape[1]
-    nsplit = 1 if sq is None else sq.shape[1]
     load, finish = sums is not None, out is not None
     block_p = min(BLOCK_P, triton.next_power_of_2(p))
     grid = (triton.cdiv(p, block_p), ids.numel())
+    stride_oe, stride_op = (0, 0) if out is None else out.stride()
     _aggregate_kernel[grid](
-        rows, rows.stride(0), rows.stride(1), perm, offsets, ok, wscaled, sq, nsplit,
-        base, base.stride(0), base.stride(1), ids, slots,
-        out, 0 if out is None else out.stride(0), 0 if out is None else out.stride(1),
+        rows, rows.stride(0), rows.stride(1), perm, offsets, ok, wscaled, clip,
+        base, base.stride(0), base.stride(1), ids, slots, out, stride_oe, stride_op,
         sums, wsum, rescale, params, p,
-        ACC=_TL_DTYPE[acc_dtype], CLIP=sq is not None, LOAD=load, FINISH=finish,
-        NSPLIT_P2=triton.next_power_of_2(nsplit), BLOCK_P=block_p,
+        ACC=_TL_DTYPE[acc_dtype], CLIP=clip is not None, LOAD=load, FINISH=finish, BLOCK_P=block_p,
+        DIV=divisor(p, rows.stride(0), base.stride(0), stride_oe),
     )
 
 
@@ -240,9 +250,11 @@ def robust_rows(
     """
     p = base.shape[1]
     max_m = triton.next_power_of_2(max_m)
-    block_p = min(triton.next_power_of_2(p), max(1, ROBUST_TILE // max_m))
+    tile = ROBUST_TILE // (2 if acc_dtype == torch.float64 else 1)  # a full float64 tile spilled registers
+    block_p = min(triton.next_power_of_2(p), max(1, tile // max_m))
     _robust_kernel[(triton.cdiv(p, block_p), ids.numel())](
         rows, rows.stride(0), rows.stride(1), perm, offsets, clip, window, base, base.stride(0),
         base.stride(1), ids, slots, out, out.stride(0), out.stride(1), params, p,
         ACC=_TL_DTYPE[acc_dtype], CLIP=clip is not None, MAX_M=max_m, BLOCK_P=block_p,
+        DIV=divisor(p, rows.stride(0), base.stride(0), out.stride(0)),
     )

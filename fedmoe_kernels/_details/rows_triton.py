@@ -6,7 +6,9 @@ combine for ``y``). ``combine`` sums, per token and in slot order, the (weighted
 slots (combine; the gradient of dispatch). ``slot_dot`` is the per-(token, slot) dot product of a token row
 with a grouped row (the gradient of combine for the weights). Every output element is written by exactly
 one program with a fixed reduction order, so results are bitwise reproducible. Accumulation is float32
-(float64 for float64 inputs); H is covered in masked blocks, so any H works. Tensors must be contiguous.
+(float64 for float64 inputs); H is covered in masked blocks, so any H works, and ``H_DIV`` (a power of two
+dividing H) tells the kernels how far rows are aligned (:mod:`~fedmoe_kernels._details.align_triton`).
+Tensors must be contiguous.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ import triton
 import triton.language as tl
 
 from fedmoe_kernels._backend import interpreting
+from fedmoe_kernels._details.align_triton import aligned, divisor
 
-# Elements per program tile (rows x columns). Under the interpreter each program is one Python-level step,
-# so fewer, larger tiles run much faster there; on a GPU 4096 elements over 4 warps is a balanced tile.
-TILE = 65536 if interpreting() else 4096
+# Elements per program tile (rows x columns), and rows per tile. Under the interpreter each program is one
+# Python-level step, so fewer, larger tiles run much faster there; on a GPU 4096 elements over 4 warps is a
+# balanced tile. Where rows are not 16-byte aligned each thread holds an address per element, and each row
+# of a tile costs an index per thread (in slot_dot an accumulator too): larger tiles than these spilled
+# registers (docs/codegen.md).
+TILE, UNALIGNED_TILE, MAX_ROWS = (65536, 65536, 65536) if interpreting() else (4096, 512, 256)
 MAX_BLOCK_H = 1024
 
 
@@ -36,7 +42,9 @@ def _gather_kernel(
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    H_DIV: tl.constexpr,
 ):
+    H = aligned(H, H_DIV)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < R
@@ -67,13 +75,15 @@ def _combine_kernel(
     ACC: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    H_DIV: tl.constexpr,
 ):
+    H = aligned(H, H_DIV)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     token_ok = tokens < T
     col_ok = cols < H
     acc = tl.zeros([BLOCK_T, BLOCK_H], ACC)
-    for slot in tl.static_range(K):
+    for slot in range(K):  # a loop: unrolled, sm_90a's ptxas kept every slot's loads in flight and spilled
         row = tl.load(inverse_ptr + tokens.to(tl.int64) * K + slot, mask=token_ok, other=-1)
         kept = row >= 0
         values = tl.load(
@@ -102,7 +112,9 @@ def _slot_dot_kernel(
     ACC: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    H_DIV: tl.constexpr,
 ):
+    H = aligned(H, H_DIV)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < T
     for slot in tl.static_range(K):
@@ -128,10 +140,11 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _tile(h: int) -> tuple[int, int]:
-    """(rows, columns) of a program tile for rows of length ``h``."""
-    block_h = min(triton.next_power_of_2(h), MAX_BLOCK_H)
-    return max(1, TILE // block_h), block_h
+def _tile(h: int, itemsize: int) -> tuple[int, int]:
+    """(rows, columns) of a program tile for rows of ``h`` values of ``itemsize`` bytes."""
+    tile = TILE if h * itemsize % 16 == 0 else UNALIGNED_TILE
+    block_h = min(triton.next_power_of_2(h), MAX_BLOCK_H, tile)
+    return max(1, min(tile // block_h, MAX_ROWS)), block_h
 
 
 def gather(x: torch.Tensor, permutation: torch.Tensor, k: int, scale: torch.Tensor | None) -> torch.Tensor:
@@ -140,7 +153,7 @@ def gather(x: torch.Tensor, permutation: torch.Tensor, k: int, scale: torch.Tens
     out = torch.empty((r, h), dtype=x.dtype, device=x.device)
     if r == 0 or h == 0:
         return out
-    block_r, block_h = _tile(h)
+    block_r, block_h = _tile(h, x.element_size())
     grid = (triton.cdiv(r, block_r), triton.cdiv(h, block_h))
     _gather_kernel[grid](
         x,
@@ -154,6 +167,7 @@ def gather(x: torch.Tensor, permutation: torch.Tensor, k: int, scale: torch.Tens
         ACC=_acc(x.dtype),
         BLOCK_R=block_r,
         BLOCK_H=block_h,
+        H_DIV=divisor(h),
     )
     return out
 
@@ -164,7 +178,7 @@ def combine(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor | None
     out = torch.empty((t, h), dtype=y.dtype, device=y.device)
     if h == 0:
         return out
-    block_t, block_h = _tile(h)
+    block_t, block_h = _tile(h, y.element_size())
     grid = (triton.cdiv(t, block_t), triton.cdiv(h, block_h))
     _combine_kernel[grid](
         y,
@@ -178,6 +192,7 @@ def combine(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor | None
         ACC=_acc(y.dtype),
         BLOCK_T=block_t,
         BLOCK_H=block_h,
+        H_DIV=divisor(h),
     )
     return out
 
@@ -186,8 +201,9 @@ def slot_dot(g: torch.Tensor, y: torch.Tensor, inverse: torch.Tensor, dtype: tor
     """out[t,s] = <g[t], y[inverse[t,s]]> (0 where dropped): g [T,H], y [R,H] -> [T,k] of ``dtype``."""
     t, k = inverse.shape
     out = torch.empty((t, k), dtype=dtype, device=g.device)
-    block_t, block_h = _tile(g.shape[1])
+    h = g.shape[1]
+    block_t, block_h = _tile(h, y.element_size())
     _slot_dot_kernel[(triton.cdiv(t, block_t),)](
-        g, y, inverse, out, t, g.shape[1], K=k, ACC=_acc(y.dtype), BLOCK_T=block_t, BLOCK_H=block_h
+        g, y, inverse, out, t, h, K=k, ACC=_acc(y.dtype), BLOCK_T=block_t, BLOCK_H=block_h, H_DIV=divisor(h)
     )
     return out
