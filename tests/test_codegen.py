@@ -108,3 +108,17 @@ def test_the_gpu_check_benchmark_runs_end_to_end_on_tiny_shapes(tmp_path):
     for op in ("route", "dispatch", "combine", "dispatch_backward", "combine_backward"):
         assert results["ops"][0][op]["fedmoe_ms"] > 0
     assert {"device", "driver", "torch", "triton"} <= set(results["machine"])
+
+
+def test_line_info_naming_another_checkout_still_attributes_the_access():
+    """Triton's cache is keyed by a kernel's text, not its path: a compile in one checkout can return the PTX
+    of another, whose ``.file`` names that checkout's copy of the same module."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import codegen
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    source = str(ROOT / "fedmoe_kernels" / "_details" / "rows_triton.py")
+    assert codegen._same_file("/elsewhere/clone/fedmoe_kernels/_details/rows_triton.py", source)
+    assert not codegen._same_file("/elsewhere/clone/fedmoe_kernels/_details/route_triton.py", source)
+    assert not codegen._same_file(None, source)
