@@ -110,6 +110,30 @@ def test_reject_reports_the_bound_and_keeps_the_honest_replies(digits):
     assert sorted(report.accepted) == sorted(c for c in plan.payloads if c != hostile)
 
 
+@pytest.mark.parametrize("action", ["clip", "reject"])
+def test_the_expert_bound_ignores_rows_that_did_not_change(digits, action):
+    """A client holding more experts than its tokens reach returns the others unchanged: their zero deltas,
+    here most rows, must not shrink the bound until honest replies fail it."""
+    config = CFG.replace({"aggregation.norm_action": action, "model.num_experts": 8,
+                          "alignment.max_experts": 4, "simulation.tiers": "unlimited"})
+    run = FederatedRun(config, digits)
+    plan, replies, _ = _round_replies(run, None)
+    norms = []
+    for client, reply in replies.items():
+        base = plan.payloads[client].expert_rows
+        rows = base.clone()
+        rows[0] = reply.update.expert_rows[0]  # every expert row but the first comes back unchanged
+        update = dataclasses.replace(reply.update, expert_rows=rows)
+        replies[client] = dataclasses.replace(reply, update=update)
+        norms.append(float(torch.linalg.vector_norm((rows[0] - base[0]).double())))
+    updates, faults = run.server.filter_replies(plan, replies)
+    assert len(updates) == len(replies) and sum(len(u.experts) for u in updates) > 2 * len(updates)
+    kept, bounds = run.server.bound_updates(plan, updates, faults)
+    assert len(kept) == len(updates) and faults.invalid == {}
+    if action == "clip":
+        assert bounds.expert == pytest.approx(config.aggregation.norm_bound * np.median(norms))
+
+
 def test_a_reply_claiming_more_samples_than_registered_is_invalid(digits):
     run = FederatedRun(CFG, digits)
     plan = run.server.configure(run.simulation.online(0))

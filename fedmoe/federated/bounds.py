@@ -2,8 +2,10 @@
 
 Every accepted update is a delta from the round's global values: ``d = shared - base`` for the shared
 vector and ``d = row - bank[e]`` for each expert row. The server learns a bound from the round's own
-replies: ``norm_bound`` times the median L2 norm of the round's shared deltas (and, separately, of all its
-expert-row deltas, pooled over experts). A delta above its bound is clipped to it (``norm_action =
+replies: ``norm_bound`` times the median L2 norm of the round's shared deltas (and, separately, of its
+expert-row deltas, pooled over experts, counting only the rows that changed: a client holding more experts
+than its tokens reach returns the others unchanged, and such zero deltas, often the majority, would shrink
+the bound until honest replies fail it). A delta above its bound is clipped to it (``norm_action =
 "clip"``, by :func:`fedmoe_kernels.aggregate`'s ``max_norm``) or its whole reply is left out as invalid
 (``"reject"``). A median cannot be moved by fewer than half the replies, so one hostile client cannot
 raise the bound; with fewer than 3 replies the bound is that of the round's median all the same, and
