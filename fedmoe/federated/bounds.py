@@ -2,10 +2,10 @@
 
 Every accepted update is a delta from the round's global values: ``d = shared - base`` for the shared
 vector and ``d = row - bank[e]`` for each expert row. The server learns a bound from the round's own
-replies: ``norm_bound`` times the median L2 norm of the round's shared deltas (and, separately, of its
-expert-row deltas, pooled over experts, counting only the rows that changed: a client holding more experts
-than its tokens reach returns the others unchanged, and such zero deltas, often the majority, would shrink
-the bound until honest replies fail it). A delta above its bound is clipped to it (``norm_action =
+replies: ``norm_bound`` times the median over the round's replies of the L2 norm of the shared delta (and,
+separately, of each reply's largest expert-row delta: what a reply is checked by. A median over all rows
+would be pulled down by the rows few or no tokens reached, which barely move, until honest replies fail
+the bound round after round). A delta above its bound is clipped to it (``norm_action =
 "clip"``, by :func:`fedmoe_kernels.aggregate`'s ``max_norm``) or its whole reply is left out as invalid
 (``"reject"``). A median cannot be moved by fewer than half the replies, so one hostile client cannot
 raise the bound; with fewer than 3 replies the bound is that of the round's median all the same, and

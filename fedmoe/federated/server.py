@@ -284,18 +284,16 @@ class Server:
     def bound_updates(self, plan: RoundPlan, updates: list[ClientUpdate],
                       faults: Faults) -> tuple[list[ClientUpdate], Bounds]:
         """Learn the round's :class:`~fedmoe.federated.Bounds` from the delta norms of ``updates`` (the
-        filtered replies; for the experts, of the rows that changed: a client's experts that no token
-        reached come back unchanged, and their zero deltas would pull the median down); under
-        ``norm_action = "reject"`` move the replies above them to ``faults.invalid``. Returns the updates
-        to merge and the bounds to clip them to (none after a rejection)."""
+        filtered replies; for the experts, each reply's largest row delta); under ``norm_action =
+        "reject"`` move the replies above them to ``faults.invalid``. Returns the updates to merge and the
+        bounds to clip them to (none after a rejection)."""
         config = self.config.aggregation
         if not updates or config.norm_bound == 0:
             return updates, Bounds()
         base = plan.payloads[updates[0].client].shared  # every payload carries the same shared vector
         shared = delta_norms(torch.stack([u.shared for u in updates]), base)
         experts = [delta_norms(u.expert_rows, plan.payloads[u.client].expert_rows) for u in updates]
-        changed = np.concatenate(experts)
-        bounds = Bounds.learn(config, shared, changed[changed > 0])
+        bounds = Bounds.learn(config, shared, np.array([e.max() for e in experts if e.size]))
         if config.norm_action == "clip":
             return updates, bounds
         kept = []
