@@ -55,15 +55,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MAX_EXPERTS = 4
 DEADLINE = 100.0  # seconds: with DEFAULT_TIERS a low-tier client fits about one expert, a mid-tier one four
 LOW_TIER = 2
+BETA = 1.0  # the load weight of docs/experiments/alignment-at-scale.md (the library's default is 0.2)
 STRATEGIES = {
     "random": AlignmentConfig(strategy="random", max_experts=MAX_EXPERTS),
     "greedy": AlignmentConfig(strategy="greedy", max_experts=MAX_EXPERTS),
-    "load-balanced": AlignmentConfig(strategy="load-balanced", max_experts=MAX_EXPERTS),
-    "optimal": AlignmentConfig(strategy="optimal", max_experts=MAX_EXPERTS),
+    "load-balanced": AlignmentConfig(strategy="load-balanced", max_experts=MAX_EXPERTS,
+                                     desirability=DesirabilityConfig(beta=BETA)),
+    "optimal": AlignmentConfig(strategy="optimal", max_experts=MAX_EXPERTS,
+                               desirability=DesirabilityConfig(beta=BETA)),
     "deadline-aware": AlignmentConfig(strategy="deadline-aware", max_experts=MAX_EXPERTS,
-                                      desirability=DesirabilityConfig(deadline=0.5)),
+                                      desirability=DesirabilityConfig(beta=BETA, deadline=0.5)),
     "fair": AlignmentConfig(strategy="fair", max_experts=MAX_EXPERTS, min_share=0.5, window=10,
-                            desirability=DesirabilityConfig(fairness=1.0, deadline=0.5)),
+                            desirability=DesirabilityConfig(beta=BETA, fairness=1.0, deadline=0.5)),
 }
 SOLVER_STRATEGIES = {"optimal", "deadline-aware", "fair"}
 

@@ -248,7 +248,8 @@ def test_the_affinity_signal_moves_every_expert_of_a_clients_fitness_row(digits)
 
 
 def test_aggregate_leaves_faulty_replies_out_and_reports_them(digits):
-    config = CFG.replace({"federation.clients_per_round": 0, "federation.deadline": 5.0})
+    config = CFG.replace({"federation.clients_per_round": 0, "federation.deadline": 5.0,
+                          "fitness.signal": "after"})  # the EMA of share x accuracy, checked below
     run = FederatedRun(config, digits)
     server = run.server
     plan = server.configure(np.arange(6))
@@ -341,7 +342,7 @@ def test_a_fired_client_is_rescored_from_the_affinity_it_sent_only_with_drift_re
     the received weights) and a fired client's row becomes that affinity before the round's update;
     without it no affinity travels and the fired row is shrunk to its prior."""
     config = CFG.replace({"federation.clients_per_round": 0, "drift.threshold": 1.0, "drift.rescore": rescore,
-                          "fitness.decay": 1.0})
+                          "fitness.decay": 1.0, "fitness.signal": "after"})
     run = FederatedRun(config, digits)
     server = run.server
     plan = server.configure(np.arange(6))

@@ -230,8 +230,9 @@ def test_rounds_on_local_grid_equal_own_loop():
     assert result.train_metrics_clientapp[2]["accepted"] == len(reference.history[1]["accepted"])
 
 
-@pytest.mark.parametrize("changes, asked", [({}, False), ({"drift.rescore": True}, True),
-                                             ({"fitness.signal": "affinity"}, True)])
+@pytest.mark.parametrize("changes, asked", [({"fitness.signal": "after"}, False),
+                                             ({"fitness.signal": "after", "drift.rescore": True}, True),
+                                             ({}, True)])  # the default signal is the affinity
 def test_the_gate_affinity_travels_with_a_train_reply_only_when_asked(changes, asked):
     config = CONFIG.replace({"federation.clients_per_round": 0, "drift.threshold": 1.0, **changes})
     grid = LocalGrid(nodes(), config)

@@ -27,7 +27,7 @@ class DesirabilityConfig:
     """Weights alpha, beta, fairness (eta), deadline (kappa): finite, >= 0, with alpha + beta > 0."""
 
     alpha: float = 1.0
-    beta: float = 1.0
+    beta: float = 0.2
     fairness: float = 0.0
     deadline: float = 0.0
 

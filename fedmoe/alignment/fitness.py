@@ -54,7 +54,7 @@ class FitnessConfig:
     prior: float = 0.0
     lean_keep: int = 16
     prune_below: float = 1e-4
-    signal: str = "after"
+    signal: str = "affinity"
     cold_start: bool = True
 
     def __post_init__(self):

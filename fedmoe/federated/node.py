@@ -51,7 +51,7 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     aux_loss: float = 0.01
-    route_loss: float = 0.0
+    route_loss: float = 0.1
     max_steps: int = 0
     feedback_samples: int = 0
 
