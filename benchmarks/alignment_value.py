@@ -6,8 +6,11 @@ Arms (each on every setting, same seeds, so differences are paired by seed):
 * ``random``, ``greedy``, ``load-balanced``, ``optimal``: the strategies with the remedies of
   docs/experiments/alignment-value.md (``REMEDIES``: the routing loss, the gate-affinity fitness signal, a
   lighter load term);
-* ``<strategy>-plain``: the same without the remedies (fedmoe 0.1's design), on the settings of
-  ``--plain`` (default: the two where the earlier comparison found the alignment losing);
+* ``<strategy>-plain``: the same without the remedies (fedmoe 0.1's design), and
+  ``<strategy>-route-only``: with the routing loss alone, on the settings of ``--ablation`` (default: the
+  two where the earlier comparison found the alignment losing);
+* ``load-balanced-full-load``, ``optimal-full-load`` (digits): the remedies with the load term at its
+  former weight (``alignment.desirability.beta`` 1.0 instead of 0.2);
 * controls, with the remedies' training: ``oracle`` (digits: each client gets the experts of its main
   labels, expert ``l mod E`` for label ``l``), ``shared-expert`` (expert 0 for every client, the rest at
   random: every token of every client reaches expert 0) and ``dense`` (one expert ``max_experts`` times as
@@ -15,15 +18,16 @@ Arms (each on every setting, same seeds, so differences are paired by seed):
 
 Settings: digits with Dirichlet alpha 0.1 and 0.5, 8 and 32 experts (2 per client), a strong backbone
 (two convolutions) or a weak one (none: the pooled image's projection, the experts carry the model);
-``shakespeare`` (with ``--shakespeare DIR``): the transformer of benchmarks/shakespeare.py, 10 roles a
-round from all 1,118, the per-client evaluation on ``--roles`` of them. Reported per arm: final global
-accuracy (mean of the last 5 rounds), rounds to the target, personal accuracy (each client's own data with
-its aligned experts, and after ``finetune_steps`` of local fine-tuning: ``random`` + fine-tuning is the
-personalised baseline), bytes per client per round, and paired differences against ``random``.
+``shakespeare`` (with ``--shakespeare DIR``): the transformer and training of benchmarks/shakespeare.py
+(20 rounds of 10 roles from all 1,118), the per-client evaluation on ``--roles`` of them. Reported per
+arm: final global accuracy (mean of the last 5 rounds), rounds to the target, personal accuracy (each
+client's own data with its aligned experts, and after ``finetune_steps`` of local fine-tuning: ``random``
++ fine-tuning is the personalised baseline), bytes per client per round, and paired differences against
+``random`` and ``greedy``.
 
     python benchmarks/alignment_value.py --quick            # 1 setting, 2 seeds, 10 rounds (~3 min)
     python benchmarks/alignment_value.py --resume           # digits: 8 settings x 5 seeds
-    python benchmarks/alignment_value.py --settings shakespeare --shakespeare DIR --seeds 3 --resume
+    python benchmarks/alignment_value.py --settings shakespeare --shakespeare DIR --seeds 3 --resume  # ~1.5 h
 
 Writes ``benchmarks/results/alignment_value[_quick].json`` (settings of earlier invocations are kept) and
 one accuracy plot per setting.
@@ -43,10 +47,12 @@ import numpy as np
 import torch
 from machine import machine_info
 from seeds import mean_std
+from shakespeare import MODEL as SHAKESPEARE_MODEL
 from tqdm.auto import tqdm
 
 from fedmoe.alignment._select import top_per_row
 from fedmoe.alignment.strategies import RandomStrategy
+from fedmoe.data import load_dataset
 from fedmoe.federated import FederatedConfig, FederatedRun
 from fedmoe.plots import plot_curves
 
@@ -54,10 +60,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("random", "greedy", "load-balanced", "optimal")
 REMEDIES = {"train.route_loss": 0.1, "fitness.signal": "affinity", "alignment.desirability.beta": 0.2}
 PLAIN = {"train.route_loss": 0.0, "fitness.signal": "after", "alignment.desirability.beta": 1.0}
+ROUTE_ONLY = {**PLAIN, "train.route_loss": REMEDIES["train.route_loss"]}
+ABLATIONS = {"plain": PLAIN, "route-only": ROUTE_ONLY}
+FULL_LOAD = {**REMEDIES, "alignment.desirability.beta": 1.0}  # the load term at its former weight
 DIGITS = {"federation.rounds": 50, "alignment.max_experts": 2, "evaluation.target_accuracy": 0.8,
           "evaluation.clients": True, "evaluation.finetune_steps": 10}
-SHAKESPEARE_MODEL = {"kind": "transformer", "num_experts": 8, "top_k": 2, "d_model": 64, "d_hidden": 128,
-                     "blocks": 2, "heads": 4}
 
 
 def settings(shakespeare: Path | None, roles: int) -> dict[str, dict]:
@@ -70,24 +77,28 @@ def settings(shakespeare: Path | None, roles: int) -> dict[str, dict]:
                                                           "model.num_experts": experts,
                                                           "model.channels": channels}
     if shakespeare is not None:
-        clients = int(np.load(shakespeare / "shakespeare.npz")["client"].max()) + 1
         out["shakespeare"] = {
             "data.source": str(shakespeare / "shakespeare.npz"), "data.partition": "natural",
-            "federation.num_clients": clients, "federation.clients_per_round": 10, "federation.rounds": 30,
-            "federation.deadline": None, **{f"model.{k}": v for k, v in SHAKESPEARE_MODEL.items()},
-            "alignment.max_experts": 2, "train.optimizer": "adam", "train.lr": 0.003, "train.max_steps": 20,
+            "federation.num_clients": load_dataset(str(shakespeare / "shakespeare.npz")).num_clients,
+            "federation.clients_per_round": 10, "federation.rounds": 20, "federation.deadline": None,
+            **{f"model.{k}": v for k, v in SHAKESPEARE_MODEL.items()}, "alignment.max_experts": 2,
+            "train.batch_size": 32, "train.optimizer": "adam", "train.lr": 0.003, "train.max_steps": 20,
             "train.feedback_samples": 64, "simulation.tiers": "unlimited", "simulation.dropout": False,
-            "evaluation.target_accuracy": 0.54, "evaluation.test_samples": 4000, "evaluation.clients": True,
+            "evaluation.target_accuracy": 0.54, "evaluation.test_samples": 2000, "evaluation.clients": True,
             "evaluation.client_samples": 100, "evaluation.max_clients": roles,
             "evaluation.finetune_steps": 20}
     return out
 
 
-def arms(setting: str, changes: dict, plain: bool) -> dict[str, tuple[dict, str | None]]:
+def arms(setting: str, changes: dict, ablation: bool) -> dict[str, tuple[dict, str | None]]:
     """Arm name -> (config changes on top of the setting's, control or None)."""
     out = {s: ({**REMEDIES, "alignment.strategy": s}, None) for s in STRATEGIES}
-    if plain:
-        out.update({f"{s}-plain": ({**PLAIN, "alignment.strategy": s}, None) for s in STRATEGIES})
+    if ablation:
+        for suffix, remedies in ABLATIONS.items():
+            out.update({f"{s}-{suffix}": ({**remedies, "alignment.strategy": s}, None) for s in STRATEGIES})
+    if setting != "shakespeare":
+        out.update({f"{s}-full-load": ({**FULL_LOAD, "alignment.strategy": s}, None)
+                    for s in ("load-balanced", "optimal")})
     control = {**REMEDIES, "alignment.strategy": "random"}
     if setting != "shakespeare":
         out["oracle"] = (control, "oracle")
@@ -156,8 +167,9 @@ def headline(run: dict) -> list[float]:
     return [r.get("last_accuracy", r["accuracy"]) for r in run["rounds"]]
 
 
-def summary(runs: list[dict], reference: list[dict], target: float) -> dict:
-    """One arm's figures over its seeds, and its paired differences against ``reference`` (random)."""
+def summary(runs: list[dict], references: dict[str, list[dict]], target: float) -> dict:
+    """One arm's figures over its seeds, and its paired differences (``vs_<name>``) against each of
+    ``references`` (random and greedy)."""
     def final(run):
         return float(np.mean(headline(run)[-5:]))
 
@@ -173,22 +185,24 @@ def summary(runs: list[dict], reference: list[dict], target: float) -> dict:
         out[f"personal_{view}"] = mean_std([personal(r, view) for r in runs])
         out[f"personal_{view}_p10"] = mean_std([run["client_evaluation"].get(view, {}).get("p10")
                                                 for run in runs])
-    pairs = list(zip(runs, reference, strict=True))
-    out["vs_random"] = {"final": mean_std([final(a) - final(b) for a, b in pairs])}
-    for view in ("aligned", "finetuned"):
-        diffs = [personal(a, view) - personal(b, view) for a, b in pairs
-                 if personal(a, view) is not None and personal(b, view) is not None]
-        out["vs_random"][f"personal_{view}"] = mean_std(diffs)
+    for name, reference in references.items():
+        pairs = list(zip(runs, reference, strict=True))
+        vs = out[f"vs_{name}"] = {"final": mean_std([final(a) - final(b) for a, b in pairs])}
+        for view in ("aligned", "finetuned"):
+            diffs = [personal(a, view) - personal(b, view) for a, b in pairs
+                     if personal(a, view) is not None and personal(b, view) is not None]
+            vs[f"personal_{view}"] = mean_std(diffs)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default=None, help="comma-separated (default: every digits setting)")
-    parser.add_argument("--plain", default="a0.1-e8-strong,a0.1-e32-strong",
-                        help="settings that also run the strategies without the remedies")
+    parser.add_argument("--ablation", default="a0.1-e8-strong,a0.1-e32-strong",
+                        help="settings that also run the strategies without the remedies and with the "
+                             "routing loss alone")
     parser.add_argument("--shakespeare", type=Path, default=None, help="what `fedmoe data shakespeare` wrote")
-    parser.add_argument("--roles", type=int, default=200,
+    parser.add_argument("--roles", type=int, default=50,
                         help="Shakespeare roles in the per-client evaluation")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=None, help="override the settings' rounds")
@@ -204,11 +218,11 @@ def main() -> None:
     if unknown:
         parser.error(f"--settings: unknown {unknown} (known: {list(every)}; shakespeare needs --shakespeare)")
     seeds, rounds = (2, 10) if args.quick else (args.seeds, args.rounds)
-    plain = set(names) if args.quick else set(args.plain.split(","))
+    ablation = set(names) if args.quick else set(args.ablation.split(","))
     jobs = {}  # (setting, arm, seed) -> (config dict, control)
     for setting in names:
         changes = every[setting] | ({"federation.rounds": rounds} if rounds else {})
-        for arm, (extra, control) in arms(setting, changes, setting in plain).items():
+        for arm, (extra, control) in arms(setting, changes, setting in ablation).items():
             for seed in range(seeds):
                 config = FederatedConfig().replace({**changes, **extra, "federation.seed": seed})
                 jobs[setting, arm, seed] = (config.to_dict(), control)
@@ -236,10 +250,12 @@ def main() -> None:
         arm_names = dict.fromkeys(arm for s, arm, _ in jobs if s == setting)  # in the order of arms()
         runs = {arm: [done[setting, arm, seed] for seed in range(seeds)] for arm in arm_names}
         target = runs["random"][0]["config"]["evaluation"]["target_accuracy"]
+        references = {name: runs[name] for name in ("random", "greedy")}
         table[setting] = {"config": runs["random"][0]["config"], "seeds": seeds,
                           "rounds": len(runs["random"][0]["rounds"]),
-                          "arms": {arm: summary(rs, runs["random"], target) for arm, rs in runs.items()}}
-        curves = {arm: [headline(r) for r in rs] for arm, rs in runs.items() if not arm.endswith("-plain")}
+                          "arms": {arm: summary(rs, references, target) for arm, rs in runs.items()}}
+        curves = {arm: [headline(r) for r in rs] for arm, rs in runs.items()
+                  if not arm.endswith(tuple(f"-{name}" for name in (*ABLATIONS, "full-load")))}
         plot_curves(curves, RESULTS / f"alignment_value{'_quick' if args.quick else ''}_{setting}.png",
                     ylabel="global test accuracy", title=f"{setting}, {seeds} seeds", hline=target)
         for arm, row in table[setting]["arms"].items():
@@ -248,8 +264,9 @@ def main() -> None:
             print(f"{setting:18s} {arm:22s} final {fin[0]:.3f} ± {fin[1]:.3f}  vs random {diff[0]:+.3f} ± "
                   f"{diff[1]:.3f}  personal (fine-tuned) {tuned if tuned is None else round(tuned, 3)}")
     RESULTS.mkdir(exist_ok=True)
-    out_path.write_text(json.dumps({"machine": machine_info(), "remedies": REMEDIES, "plain": PLAIN,
-                                    "settings": table, "wall_seconds": time.perf_counter() - start},
+    out_path.write_text(json.dumps({"machine": machine_info(), "remedies": REMEDIES, **ABLATIONS,
+                                    "full-load": FULL_LOAD, "settings": table,
+                                    "wall_seconds": time.perf_counter() - start},
                                    indent=1))
     print(f"-> {out_path}")
 
