@@ -44,7 +44,7 @@ def test_bad_aggregation_options_are_named(changes, match):
         CFG.replace({f"aggregation.{k}": v for k, v in changes.items()})
 
 
-def test_bounds_are_a_multiple_of_the_round_median_and_one_outlier_cannot_raise_them():
+def test_bounds_are_a_multiple_of_the_round_median_and_one_outlier_moves_them_one_rank():
     config = AggregationConfig(norm_bound=3.0)
     honest = np.array([1.0, 2.0, 3.0, 4.0])
     bounds = Bounds.learn(config, np.append(honest, 1e30), np.array([0.5, 0.5, 1e30]))
@@ -53,6 +53,16 @@ def test_bounds_are_a_multiple_of_the_round_median_and_one_outlier_cannot_raise_
     assert "shared update norm" in bounds.exceeded(9.1, np.array([1.4]))
     assert "expert update norm" in bounds.exceeded(1.0, np.array([0.1, 1.6]))
     assert Bounds.learn(AggregationConfig(norm_bound=0), honest, honest) == Bounds()
+
+
+def test_zero_deltas_are_left_out_of_the_bounds():
+    """Replies that did not move (no token reached their experts) neither shrink a bound to 0, which would
+    refuse every reply that moved and is no valid clip, nor count when nothing moved."""
+    config = AggregationConfig(norm_bound=2.0)
+    bounds = Bounds.learn(config, np.array([0.0, 0.0, 0.0, 1.0, 3.0]), np.array([0.0, 0.0, 4.0]))
+    assert bounds.shared == pytest.approx(4.0) and bounds.expert == pytest.approx(8.0)
+    assert bounds.exceeded(0.0, np.array([0.0])) is None
+    assert Bounds.learn(config, np.zeros(3), np.zeros(2)) == Bounds()
 
 
 def _round_replies(run: FederatedRun, mode: str | None):
@@ -133,6 +143,7 @@ def test_the_expert_bound_is_not_shrunk_by_rows_that_barely_moved(digits, action
     assert len(kept) == len(updates) and faults.invalid == {}
     if action == "clip":
         assert bounds.expert == pytest.approx(config.aggregation.norm_bound * np.median(norms))
+        assert max(norms) <= bounds.expert  # no honest row is clipped
 
 
 def test_a_reply_claiming_more_samples_than_registered_is_invalid(digits):

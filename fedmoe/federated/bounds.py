@@ -2,15 +2,17 @@
 
 Every accepted update is a delta from the round's global values: ``d = shared - base`` for the shared
 vector and ``d = row - bank[e]`` for each expert row. The server learns a bound from the round's own
-replies: ``norm_bound`` times the median over the round's replies of the L2 norm of the shared delta (and,
-separately, of each reply's largest expert-row delta: what a reply is checked by. A median over all rows
-would be pulled down by the rows few or no tokens reached, which barely move, until honest replies fail
-the bound round after round). A delta above its bound is clipped to it (``norm_action =
-"clip"``, by :func:`fedmoe_kernels.aggregate`'s ``max_norm``) or its whole reply is left out as invalid
-(``"reject"``). A median cannot be moved by fewer than half the replies, so one hostile client cannot
-raise the bound; with fewer than 3 replies the bound is that of the round's median all the same, and
-bounds little. The merge itself is ``method``: the weighted mean (FedAvg), or the coordinate-wise
-``median`` or ``trimmed-mean`` (``trim`` from each end) of the (bounded) deltas, unweighted.
+replies: ``norm_bound`` times the median over the replies of the L2 norm of the shared delta and,
+separately, of each reply's largest expert-row delta (what a reply is checked by; a median over all rows
+would be pulled down by the rows that few or no tokens reached, until honest replies fail the bound round
+after round). Zero deltas are left out of the medians. A delta above its bound is clipped to it
+(``norm_action = "clip"``, by :func:`fedmoe_kernels.aggregate`'s ``max_norm``, row by row) or its whole
+reply is left out as invalid (``"reject"``). Fewer than half the replies cannot move a median outside the
+range of the others' norms, so a hostile minority can raise the bound at most to ``norm_bound`` times the
+largest honest norm (one hostile reply moves the median by one rank); with fewer than 3 replies the bound
+is that of the round's median all the same, and bounds little. The merge itself is ``method``: the
+weighted mean (FedAvg), or the coordinate-wise ``median`` or ``trimmed-mean`` (``trim`` from each end) of
+the (bounded) deltas, unweighted.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ ACTIONS = ("clip", "reject")
 class AggregationConfig:
     """The ``[aggregation]`` section: ``method`` (mean | median | trimmed-mean, for the shared vector and
     the experts), ``trim`` in [0, 0.5) (trimmed-mean: share of replies dropped from each end, per
-    coordinate), ``norm_bound`` >= 1 (a delta's bound as a multiple of the round's median delta norm; 0 =
-    no bound) and ``norm_action`` (clip | reject: what happens to a delta above its bound)."""
+    coordinate), ``norm_bound`` >= 1 (a delta's bound as a multiple of the round's median reply delta
+    norm, module docstring; 0 = no bound) and ``norm_action`` (clip | reject: what happens to a delta
+    above its bound)."""
 
     method: str = "mean"
     trim: float = 0.1
@@ -60,13 +63,16 @@ class Bounds:
 
     @classmethod
     def learn(cls, config: AggregationConfig, shared: np.ndarray, expert: np.ndarray) -> Bounds:
-        """``norm_bound`` times the median of the round's ``shared`` and ``expert`` delta norms (float64
-        [n] and [K]); unbounded where there are none or ``norm_bound`` is 0."""
+        """``norm_bound`` times the median of the positive norms among ``shared`` (float64 [n]: each
+        reply's shared delta) and ``expert`` (float64 [m]: each reply's largest expert-row delta); unbounded
+        where there are none or ``norm_bound`` is 0. Zero deltas (a reply whose experts no token reached)
+        say nothing about the scale of an update, and a bound of 0 would refuse every reply that moved."""
         if config.norm_bound == 0:
             return cls()
 
         def bound(norms: np.ndarray) -> float | None:
-            return float(config.norm_bound * np.median(norms)) if norms.size else None
+            moved = norms[norms > 0]
+            return float(config.norm_bound * np.median(moved)) if moved.size else None
 
         return cls(bound(shared), bound(expert))
 
