@@ -6,7 +6,8 @@ Arms (each on every setting, same seeds, so differences are paired by seed):
 * ``random``, ``greedy``, ``load-balanced``, ``optimal``: the strategies with the remedies of
   docs/experiments/alignment-value.md (``REMEDIES``: the routing loss, the gate-affinity fitness signal, a
   lighter load term);
-* ``<strategy>-plain``: the same without the remedies (fedmoe 0.1's design), and
+* ``<strategy>-plain``: the same without the remedies (the former defaults, with the current update
+  bound), and
   ``<strategy>-route-only``: with the routing loss alone, on the settings of ``--ablation`` (default: the
   two where the earlier comparison found the alignment losing);
 * ``load-balanced-full-load``, ``optimal-full-load`` (digits): the remedies with the load term at its
@@ -26,8 +27,8 @@ client's own data with its aligned experts, and after ``finetune_steps`` of loca
 ``random`` and ``greedy``.
 
     python benchmarks/alignment_value.py --quick            # 1 setting, 2 seeds, 10 rounds (~3 min)
-    python benchmarks/alignment_value.py --resume           # digits: 8 settings x 5 seeds
-    python benchmarks/alignment_value.py --settings shakespeare --shakespeare DIR --seeds 3 --resume  # ~1.5 h
+    python benchmarks/alignment_value.py --resume           # digits: 8 settings x 5 seeds, 440 runs
+    python benchmarks/alignment_value.py --settings shakespeare --shakespeare DIR --seeds 3 --resume  # 40 min
 
 Writes ``benchmarks/results/alignment_value[_quick].json`` (settings of earlier invocations are kept) and
 one accuracy plot per setting.

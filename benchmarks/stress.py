@@ -8,7 +8,9 @@
   error-free reference, at the default 4 s deadline and a tight 2.5 s one. Per round: the share of
   assigned clients that missed the deadline or failed for memory, the client-expert pairs assigned, and
   the server's time-estimate error (median ``|log(estimated / true round time)|``).
-* ``drift``: a setting where alignment decides accuracy (see below): from round 20 half of the clients
+* ``drift``: a setting where alignment decides accuracy (see below; docs/experiments/stress.md ran with the
+  former defaults, ``fitness.signal = "after"``: with today's default the rows follow the gate affinity
+  and the detector compares against it): from round 20 half of the clients
   move to a disjoint label set (where one exists). Greedy and load-balanced, each without drift
   (``nodrift``), with drift and no handling (``stale``), with the drift detector (on the feedback measured
   before local training, threshold 2) resetting a fired client's fitness row to its prior (``shrink``), and
