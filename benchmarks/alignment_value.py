@@ -168,12 +168,14 @@ def headline(run: dict) -> list[float]:
     return [r.get("last_accuracy", r["accuracy"]) for r in run["rounds"]]
 
 
+def final(run: dict) -> float:
+    """The run's global accuracy over its last 5 rounds."""
+    return float(np.mean(headline(run)[-5:]))
+
+
 def summary(runs: list[dict], references: dict[str, list[dict]], target: float) -> dict:
     """One arm's figures over its seeds, and its paired differences (``vs_<name>``) against each of
     ``references`` (random and greedy)."""
-    def final(run):
-        return float(np.mean(headline(run)[-5:]))
-
     def personal(run, view):
         return run["client_evaluation"].get(view, {}).get("mean")
 
@@ -193,6 +195,20 @@ def summary(runs: list[dict], references: dict[str, list[dict]], target: float) 
             diffs = [personal(a, view) - personal(b, view) for a, b in pairs
                      if personal(a, view) is not None and personal(b, view) is not None]
             vs[f"personal_{view}"] = mean_std(diffs)
+    return out
+
+
+def ablations(runs: dict[str, list[dict]]) -> dict:
+    """Per strategy, the paired differences of :func:`final` between its variants that ran:
+    ``route-only - plain``, ``remedies - route-only`` and ``remedies - full-load`` ([mean, std])."""
+    variants = {"route-only - plain": ("-route-only", "-plain"), "remedies - route-only": ("", "-route-only"),
+                "remedies - full-load": ("", "-full-load")}
+    out = {}
+    for strategy in STRATEGIES:
+        for name, (a, b) in variants.items():
+            if strategy + a in runs and strategy + b in runs:
+                seeds = zip(runs[strategy + a], runs[strategy + b], strict=True)
+                out.setdefault(strategy, {})[name] = mean_std([final(x) - final(y) for x, y in seeds])
     return out
 
 
@@ -254,7 +270,8 @@ def main() -> None:
         references = {name: runs[name] for name in ("random", "greedy")}
         table[setting] = {"config": runs["random"][0]["config"], "seeds": seeds,
                           "rounds": len(runs["random"][0]["rounds"]),
-                          "arms": {arm: summary(rs, references, target) for arm, rs in runs.items()}}
+                          "arms": {arm: summary(rs, references, target) for arm, rs in runs.items()},
+                          "ablations": ablations(runs)}
         curves = {arm: [headline(r) for r in rs] for arm, rs in runs.items()
                   if not arm.endswith(tuple(f"-{name}" for name in (*ABLATIONS, "full-load")))}
         plot_curves(curves, RESULTS / f"alignment_value{'_quick' if args.quick else ''}_{setting}.png",

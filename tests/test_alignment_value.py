@@ -64,3 +64,13 @@ def test_summary_pairs_each_seed_with_the_references_own_seed():
     assert row["vs_greedy"]["personal_aligned"] == pytest.approx([0.2, 0.0])  # greedy's seed 1 has none
     assert row["rounds_to_target"] == [6, 1]
     assert row["mb_per_client_round"] == pytest.approx([0.2, 0.0])  # 4 MB over 10 rounds x 2 clients
+
+
+def test_ablations_pair_each_variant_by_seed_and_skip_those_that_did_not_run():
+    runs = {"greedy": [_run([0.9] * 5), _run([0.8] * 5)],
+            "greedy-route-only": [_run([0.7] * 5), _run([0.7] * 5)],
+            "greedy-plain": [_run([0.5] * 5), _run([0.6] * 5)], "random": [_run([0.5] * 5)] * 2}
+    out = av.ablations(runs)
+    assert set(out) == {"greedy"} and set(out["greedy"]) == {"route-only - plain", "remedies - route-only"}
+    assert out["greedy"]["route-only - plain"] == pytest.approx([0.15, 0.0707107])
+    assert out["greedy"]["remedies - route-only"] == pytest.approx([0.15, 0.0707107])
