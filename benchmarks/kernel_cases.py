@@ -101,7 +101,7 @@ def aggregate_case(
     acc = torch.float64 if base == torch.float64 else torch.float32
     x = meta((m, p), rows) if isinstance(rows, torch.dtype) else rows
     bank, sums, f64 = meta((e, p), base), meta((e, p), acc), meta(max(m, e), torch.float64)
-    ok, ids, offsets, params = meta(m, torch.int8), meta(e), meta(e + 1), meta(2, torch.float64)
+    ok, ids, offsets, params = meta(m, torch.int8), meta(e), meta(e + 1), meta(1, torch.float64)
     max_norm = 1.0 if clip else None
     at = aggregate_triton
 

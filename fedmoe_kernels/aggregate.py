@@ -697,7 +697,7 @@ def _robust_aggregate(
         small = torch.nonzero(on_torch & (counts <= ROBUST_MAX_M)).squeeze(1)
         on_torch &= counts > ROBUST_MAX_M
         if small.numel():
-            params = _params(lr, max_norm, base.device)
+            params = _params(lr, base.device)
             max_m = int(counts[small].max())
 
             def launch(ids: torch.Tensor, target: torch.Tensor, slots: torch.Tensor) -> None:
@@ -797,8 +797,9 @@ def _outcome(
     return AggregateResult(out, kept, rejected + accepted - kept, weight_sum.masked_fill(dropped, 0.0))
 
 
-def _params(lr: float, max_norm: float | None, device) -> torch.Tensor:
-    return torch.tensor([lr, 0.0 if max_norm is None else max_norm], dtype=torch.float64, device=device)
+def _params(lr: float, device) -> torch.Tensor:
+    """float64 [1]: ``lr``, read by the kernels from memory (a float argument would reach them as float32)."""
+    return torch.tensor([lr], dtype=torch.float64, device=device)
 
 
 # ---------------------------------------------------------------- ops
@@ -863,7 +864,7 @@ def aggregate(
         ok = stats.bool()
         k, wscaled = _scale_batch(experts, w, ok, num_experts)
         perm, offsets = _group(experts, num_experts)
-        params = _params(lr, max_norm, base.device)
+        params = _params(lr, base.device)
 
         def launch(ids: torch.Tensor, target: torch.Tensor, slots: torch.Tensor) -> None:
             aggregate_rows(rows, perm, offsets, stats, wscaled, clip, base, params, wsum, acc_dtype=acc_dtype,
@@ -949,7 +950,7 @@ class Accumulator:
             perm, offsets = _group(experts, self.num_experts)
             aggregate_rows(
                 rows, perm, offsets, stats, wscaled, clip, self._base,
-                _params(1.0, self._max_norm, rows.device), self._wsum, acc_dtype=sums.dtype,
+                _params(1.0, rows.device), self._wsum, acc_dtype=sums.dtype,
                 ids=torch.arange(self.num_experts, device=rows.device), sums=sums, rescale=rescale,
             )
         accepted, rejected = _counts(experts, ok, self.num_experts)
@@ -980,7 +981,7 @@ class Accumulator:
             no_rows = self._sums[:0]
             no_ids = torch.empty(0, dtype=torch.int64, device=device)
             no_offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=device)
-            params = _params(lr, None, device)
+            params = _params(lr, device)
             wsum = self._wsum.clone()
 
             def launch(ids: torch.Tensor, target: torch.Tensor, slots: torch.Tensor) -> None:

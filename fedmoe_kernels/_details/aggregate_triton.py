@@ -212,7 +212,7 @@ def aggregate_rows(
     ``rows`` [M, P]; ``perm`` (int64 [M]) groups the rows by expert stably, expert ``e`` owning
     ``perm[offsets[e]:offsets[e+1]]``; ``ok`` (int8 [M]) marks the accepted rows; ``wscaled`` (float64
     [M]) holds the weights scaled per expert; ``clip`` the clipping factors from :func:`row_stats` (None:
-    no clipping); ``params`` (float64 [2]) is ``(lr, max_norm)``; ``wsum`` (float64 [E]) receives
+    no clipping); ``params`` (float64 [1]) is ``lr``; ``wsum`` (float64 [E]) receives
     the scaled weight sums; ``ids`` (int64 [n]) the experts to process. Modes:
 
     - ``out`` given, ``sums`` None: batch; writes the new value of expert ``ids[j]`` into row ``slots[j]``
@@ -245,7 +245,7 @@ def robust_rows(
     ``perm`` (int64) and ``offsets`` (int64 [E+1]): the accepted rows of positive weight grouped by expert,
     expert ``e`` owning ``perm[offsets[e]:offsets[e+1]]`` (``1 <= n <= max_m <= ROBUST_MAX_M`` rows for
     the experts of ``ids``); ``clip`` (float64 [M]) the clipping factors (None: no clipping); ``window``
-    (int64 [E, 2]) each expert's ranks ``[lo, hi)``; ``params`` (float64 [2]) ``(lr, max_norm)``. Writes
+    (int64 [E, 2]) each expert's ranks ``[lo, hi)``; ``params`` (float64 [1]) ``lr``. Writes
     the new value of expert ``ids[j]`` into row ``slots[j]`` of ``out`` (which may be ``base``).
     """
     p = base.shape[1]
