@@ -62,8 +62,8 @@ STRATEGIES = ("random", "greedy", "load-balanced", "optimal")
 REMEDIES = {"train.route_loss": 0.1, "fitness.signal": "affinity", "alignment.desirability.beta": 0.2}
 PLAIN = {"train.route_loss": 0.0, "fitness.signal": "after", "alignment.desirability.beta": 1.0}
 ROUTE_ONLY = {**PLAIN, "train.route_loss": REMEDIES["train.route_loss"]}
-ABLATIONS = {"plain": PLAIN, "route-only": ROUTE_ONLY}
 FULL_LOAD = {**REMEDIES, "alignment.desirability.beta": 1.0}  # the load term at its former weight
+VARIANTS = {"plain": PLAIN, "route-only": ROUTE_ONLY, "full-load": FULL_LOAD}  # arm <strategy>-<variant>
 DIGITS = {"federation.rounds": 50, "alignment.max_experts": 2, "evaluation.target_accuracy": 0.8,
           "evaluation.clients": True, "evaluation.finetune_steps": 10}
 
@@ -93,13 +93,13 @@ def settings(shakespeare: Path | None, roles: int) -> dict[str, dict]:
 
 def arms(setting: str, changes: dict, ablation: bool) -> dict[str, tuple[dict, str | None]]:
     """Arm name -> (config changes on top of the setting's, control or None)."""
-    out = {s: ({**REMEDIES, "alignment.strategy": s}, None) for s in STRATEGIES}
+    variants = [("", s) for s in STRATEGIES]
     if ablation:
-        for suffix, remedies in ABLATIONS.items():
-            out.update({f"{s}-{suffix}": ({**remedies, "alignment.strategy": s}, None) for s in STRATEGIES})
+        variants += [(v, s) for v in ("plain", "route-only") for s in STRATEGIES]
     if setting != "shakespeare":
-        out.update({f"{s}-full-load": ({**FULL_LOAD, "alignment.strategy": s}, None)
-                    for s in ("load-balanced", "optimal")})
+        variants += [("full-load", s) for s in ("load-balanced", "optimal")]
+    out = {f"{s}-{v}" if v else s: ({**VARIANTS.get(v, REMEDIES), "alignment.strategy": s}, None)
+           for v, s in variants}
     control = {**REMEDIES, "alignment.strategy": "random"}
     if setting != "shakespeare":
         out["oracle"] = (control, "oracle")
@@ -176,8 +176,8 @@ def final(run: dict) -> float:
 def summary(runs: list[dict], references: dict[str, list[dict]], target: float) -> dict:
     """One arm's figures over its seeds, and its paired differences (``vs_<name>``) against each of
     ``references`` (random and greedy)."""
-    def personal(run, view):
-        return run["client_evaluation"].get(view, {}).get("mean")
+    def personal(run, view, stat="mean"):
+        return run["client_evaluation"].get(view, {}).get(stat)
 
     reached = [next((i + 1 for i, a in enumerate(headline(r)) if a >= target), None) for r in runs]
     out = {"final": mean_std([final(r) for r in runs]), "rounds_to_target": reached,
@@ -186,8 +186,7 @@ def summary(runs: list[dict], references: dict[str, list[dict]], target: float) 
                                             for r in runs])}
     for view in ("all", "aligned", "finetuned"):
         out[f"personal_{view}"] = mean_std([personal(r, view) for r in runs])
-        out[f"personal_{view}_p10"] = mean_std([run["client_evaluation"].get(view, {}).get("p10")
-                                                for run in runs])
+        out[f"personal_{view}_p10"] = mean_std([personal(r, view, "p10") for r in runs])
     for name, reference in references.items():
         pairs = list(zip(runs, reference, strict=True))
         vs = out[f"vs_{name}"] = {"final": mean_std([final(a) - final(b) for a, b in pairs])}
@@ -201,11 +200,11 @@ def summary(runs: list[dict], references: dict[str, list[dict]], target: float) 
 def ablations(runs: dict[str, list[dict]]) -> dict:
     """Per strategy, the paired differences of :func:`final` between its variants that ran:
     ``route-only - plain``, ``remedies - route-only`` and ``remedies - full-load`` ([mean, std])."""
-    variants = {"route-only - plain": ("-route-only", "-plain"), "remedies - route-only": ("", "-route-only"),
-                "remedies - full-load": ("", "-full-load")}
+    pairs = {"route-only - plain": ("-route-only", "-plain"), "remedies - route-only": ("", "-route-only"),
+             "remedies - full-load": ("", "-full-load")}
     out = {}
     for strategy in STRATEGIES:
-        for name, (a, b) in variants.items():
+        for name, (a, b) in pairs.items():
             if strategy + a in runs and strategy + b in runs:
                 seeds = zip(runs[strategy + a], runs[strategy + b], strict=True)
                 out.setdefault(strategy, {})[name] = mean_std([final(x) - final(y) for x, y in seeds])
@@ -273,7 +272,7 @@ def main() -> None:
                           "arms": {arm: summary(rs, references, target) for arm, rs in runs.items()},
                           "ablations": ablations(runs)}
         curves = {arm: [headline(r) for r in rs] for arm, rs in runs.items()
-                  if not arm.endswith(tuple(f"-{name}" for name in (*ABLATIONS, "full-load")))}
+                  if not arm.endswith(tuple(f"-{name}" for name in VARIANTS))}
         plot_curves(curves, RESULTS / f"alignment_value{'_quick' if args.quick else ''}_{setting}.png",
                     ylabel="global test accuracy", title=f"{setting}, {seeds} seeds", hline=target)
         for arm, row in table[setting]["arms"].items():
@@ -282,8 +281,8 @@ def main() -> None:
             print(f"{setting:18s} {arm:22s} final {fin[0]:.3f} ± {fin[1]:.3f}  vs random {diff[0]:+.3f} ± "
                   f"{diff[1]:.3f}  personal (fine-tuned) {tuned if tuned is None else round(tuned, 3)}")
     RESULTS.mkdir(exist_ok=True)
-    out_path.write_text(json.dumps({"machine": machine_info(), "remedies": REMEDIES, **ABLATIONS,
-                                    "full-load": FULL_LOAD, "settings": table,
+    out_path.write_text(json.dumps({"machine": machine_info(), "remedies": REMEDIES, **VARIANTS,
+                                    "settings": table,
                                     "wall_seconds": time.perf_counter() - start},
                                    indent=1))
     print(f"-> {out_path}")
