@@ -73,11 +73,13 @@ def baseline_combine(y, order, token_of_row, weights, num_tokens):
 # ---------------------------------------------------------------- timing
 
 
-def median_seconds(fn, device: torch.device, min_run_time: float) -> float:
+def median_seconds(fn, device: torch.device, min_run_time: float, warmup: int = 25, rep: int = 100) -> float:
+    """Median seconds of ``fn()``: ``do_bench`` (``warmup`` and ``rep`` in ms) on a GPU, else
+    ``torch.utils.benchmark`` runs of at least ``min_run_time`` seconds in all."""
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") / 1e3
     return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 

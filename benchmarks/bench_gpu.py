@@ -31,25 +31,26 @@ import argparse
 import itertools
 import json
 import random
-import statistics
 import subprocess
 import time
 from pathlib import Path
 
 import torch
 from bench_dispatch import (
+    GB,
     baseline_combine,
     baseline_dispatch,
     baseline_layer_forward,
     baseline_plan,
+    copy_roof_gbps,
     device_info,
+    median_seconds,
     write,
 )
 
 from fedmoe.models import MoELayer
 from fedmoe_kernels import aggregate, combine, dispatch, route
 
-GB = 1e9
 DTYPE = torch.bfloat16
 OPS = list(itertools.product([4096, 16384, 65536], [1024, 4096, 7168], [2, 8], [8, 64, 256]))  # T, H, k, E
 AGGREGATES = list(itertools.product([8, 64, 256], [100_000, 1_000_000]))  # E, P; M = 8 E rows
@@ -90,34 +91,16 @@ def need_bytes(kind: str, shape: tuple) -> int:
 # ---------------------------------------------------------------- timing
 
 
-def seconds(fn, device: torch.device) -> float:
-    """Median seconds of ``fn()``: ``do_bench`` on a GPU, a few wall-clock runs elsewhere."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3
-    runs = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
-
-
 def timed(ours, base, device, must_move: int | None = None, roof: float | None = None) -> dict:
-    t_ours, t_base = seconds(ours, device), seconds(base, device)
+    """Both median times (shorter ``do_bench`` runs than bench_dispatch.py's, to fit the budget), the
+    speedup, and fedmoe's GB/s and share of the copy roof where the bytes the op must move are given."""
+    t_ours, t_base = (median_seconds(fn, device, 0.01, warmup=10, rep=50) for fn in (ours, base))
     row = {"fedmoe_ms": t_ours * 1e3, "baseline_ms": t_base * 1e3, "speedup": t_base / t_ours}
     if must_move is not None:
         row |= {"bytes": must_move, "fedmoe_gbps": must_move / t_ours / GB}
         if roof:
             row["roof_fraction"] = row["fedmoe_gbps"] / roof
     return row
-
-
-def copy_roof_gbps(device: torch.device, nbytes: int) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / seconds(lambda: dst.copy_(src), device) / GB
 
 
 # ---------------------------------------------------------------- the ops
